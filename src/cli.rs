@@ -1,0 +1,168 @@
+//! The command line: `run` the daemon, `check` a config directory.
+
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "postbackd",
+    version,
+    about = "Conversion webhooks in, durable templated postbacks out"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon on a config directory.
+    Run {
+        /// Directory holding postbackd.yaml and the rule files.
+        dir: PathBuf,
+        /// Listen address (overrides `listen` in postbackd.yaml).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Data directory for the store (overrides `data_dir`).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Check a config directory: print every error, or a one-line summary.
+    Check { dir: PathBuf },
+    /// A throwaway receiver for trying rules out: prints every request and answers 200.
+    Sink {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { dir } => check(&dir),
+        Command::Sink { listen } => sink(listen),
+        Command::Run {
+            dir,
+            listen,
+            data_dir,
+        } => {
+            let opts = crate::Options {
+                config_dir: dir,
+                listen,
+                data_dir,
+            };
+            run(opts)
+        }
+    }
+}
+
+fn check(dir: &std::path::Path) -> ExitCode {
+    match crate::config::load_dir(dir) {
+        Ok(plan) => {
+            let enabled = plan.entries.iter().filter(|e| e.enabled).count();
+            println!(
+                "ok: {} offers, {} postbacks ({} offer bindings, {} enabled), {} sources, config {}",
+                plan.offers.len(),
+                plan.postbacks.len(),
+                plan.entries.len(),
+                enabled,
+                plan.sources.len(),
+                plan.hash
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errs) => {
+            eprintln!("{errs}");
+            eprintln!("{} error(s) in {}", errs.0.len(), dir.display());
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(opts: crate::Options) -> ExitCode {
+    // Logging follows the config's log settings; a bad config is reported by `run` itself.
+    let (json, level) = crate::config::load_dir(&opts.config_dir)
+        .map(|p| (p.settings.log_json, p.settings.log_level.clone()))
+        .unwrap_or((false, "info".into()));
+    init_logging(json, &level);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(crate::run(opts, crate::shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(json: bool, level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("POSTBACKD_LOG")
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.with_ansi(false).init();
+    }
+}
+
+fn sink(listen: SocketAddr) -> ExitCode {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, Method, Uri};
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        let app = axum::Router::new().fallback(
+            |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| async move {
+                let ct = headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                println!("{method} {uri} {ct} {}", String::from_utf8_lossy(&body));
+                "ok\n"
+            },
+        );
+        let listener = match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: cannot listen on {listen}: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        eprintln!("sink listening on {listen}; every request is printed here");
+        match axum::serve(listener, app)
+            .with_graceful_shutdown(crate::shutdown_signal())
+            .await
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}

@@ -1,0 +1,232 @@
+//! The YAML schema, exactly as users write it. These are the only serde types for config;
+//! [`super::compile`] turns them into a checked [`crate::plan::Plan`].
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// An id written as a number or a string (`1001` and `"1001"` are the same offer).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Id(pub String);
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Id, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Id;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an id (a string or a number)")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Id, E> {
+                Ok(Id(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Id, E> {
+                Ok(Id(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Id, E> {
+                Ok(Id(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One value or a list of them (`goal: deposit` or `goal: [lead, deposit]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OneOrMany(pub Vec<Id>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<OneOrMany, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a value or a list of values")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![Id(v.to_string())]))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![Id(v.to_string())]))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![Id(v.to_string())]))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![Id(v.to_string())]))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![Id(v.to_string())]))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
+                let mut out = Vec::new();
+                while let Some(v) = seq.next_element::<Id>()? {
+                    out.push(v);
+                }
+                Ok(OneOrMany(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `postbackd.yaml`: the daemon's own settings.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawSettings {
+    pub listen: Option<Spanned<String>>,
+    pub data_dir: Option<Spanned<String>>,
+    pub delivery: Option<RawDeliverySettings>,
+    pub log: Option<RawLog>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeliverySettings {
+    pub timeout: Option<Spanned<String>>,
+    pub concurrency: Option<Spanned<u32>>,
+    pub per_destination: Option<Spanned<u32>>,
+    pub retry: Option<Vec<Spanned<String>>>,
+    pub max_age: Option<Spanned<String>>,
+    pub user_agent: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<Spanned<String>>,
+    pub level: Option<String>,
+}
+
+/// A rule file: any `*.yaml` / `*.yml` in the config directory other than `postbackd.yaml`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuleFile {
+    #[serde(default)]
+    pub sources: Vec<RawSource>,
+    #[serde(default)]
+    pub offers: Vec<RawOffer>,
+    #[serde(default)]
+    pub postbacks: Vec<RawPostback>,
+}
+
+/// A named sender of webhooks (a tracker), reached at `/postback/<id>`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    pub id: Spanned<String>,
+    /// The shared secret it must send; `${env:NAME}` or `${file:PATH}`.
+    pub secret: Option<Spanned<String>>,
+    /// Query/form/JSON parameter carrying the secret (default `token`).
+    pub secret_param: Option<String>,
+    /// Header carrying the secret instead (e.g. `X-Postback-Token`).
+    pub secret_header: Option<String>,
+    /// canonical field → this tracker's parameter name.
+    #[serde(default)]
+    pub fields: BTreeMap<String, Spanned<String>>,
+    /// this tracker's status word → approved / pending / rejected.
+    #[serde(default)]
+    pub status_map: BTreeMap<String, Spanned<String>>,
+    /// Event kind when the request does not say (default conversion).
+    pub kind: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOffer {
+    pub id: Spanned<Id>,
+    pub name: Option<String>,
+    #[serde(default)]
+    pub goals: Vec<Spanned<Id>>,
+    pub goals_enabled: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPostback {
+    pub id: Spanned<String>,
+    pub name: Option<String>,
+    pub enabled: Option<bool>,
+    /// click | impression | conversion
+    pub trigger: Spanned<String>,
+    /// For conversions: which statuses fire it (default: all).
+    pub statuses: Option<Spanned<OneOrMany>>,
+    /// `all`, one offer id, or a list of offer ids.
+    pub offers: Option<Spanned<OneOrMany>>,
+    /// Field → accepted values; all must match.
+    #[serde(default)]
+    pub when: BTreeMap<String, Spanned<OneOrMany>>,
+    /// Field → rejected values; none may match.
+    #[serde(default)]
+    pub unless: BTreeMap<String, Spanned<OneOrMany>>,
+    /// A boolean expression over any field, e.g. `payout > 0 and country != "US"`.
+    #[serde(rename = "if")]
+    pub expr: Option<Spanned<String>>,
+    pub delay: Option<Spanned<String>>,
+    /// Constants for templates (`{{ vars.token }}`); may use `${env:...}`.
+    #[serde(default)]
+    pub vars: BTreeMap<String, Spanned<String>>,
+    /// Per-offer overrides of a shared postback.
+    #[serde(default)]
+    pub per_offer: BTreeMap<String, RawOverride>,
+    pub http: Option<RawHttp>,
+    pub retry: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawOverride {
+    pub enabled: Option<bool>,
+    pub delay: Option<Spanned<String>>,
+    #[serde(default)]
+    pub vars: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    pub when: BTreeMap<String, Spanned<OneOrMany>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    pub method: Option<Spanned<String>>,
+    pub url: Spanned<String>,
+    /// Query parameters appended to the URL (values are templates, encoded for you).
+    #[serde(default)]
+    pub params: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, Spanned<String>>,
+    /// A form body (`application/x-www-form-urlencoded`).
+    pub form: Option<BTreeMap<String, Spanned<String>>>,
+    /// A JSON body written as YAML; every string in it is a template.
+    pub json: Option<Spanned<serde_json::Value>>,
+    /// A raw body template with its content type.
+    pub body: Option<Spanned<String>>,
+    pub content_type: Option<String>,
+    pub auth: Option<RawAuth>,
+    pub timeout: Option<Spanned<String>>,
+    pub success: Option<RawSuccess>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub username: Option<Spanned<String>>,
+    pub password: Option<Spanned<String>>,
+    pub bearer: Option<Spanned<String>>,
+}
+
+/// How to tell success from the response, for APIs that answer 200 to failures.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawSuccess {
+    /// Accepted status codes (default 200-299).
+    pub status: Option<Vec<u16>>,
+    /// The body must contain this text.
+    pub body_contains: Option<String>,
+    /// The body must not contain this text.
+    pub body_not_contains: Option<String>,
+    /// A JSON field of the body (dotted path) must equal this value, e.g. `code: 0`.
+    #[serde(default)]
+    pub json: BTreeMap<String, serde_json::Value>,
+}

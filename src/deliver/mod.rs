@@ -1,0 +1,295 @@
+//! Delivery: claims due deliveries from the store, renders them with the live plan, sends
+//! them and records every attempt.
+//!
+//! The dispatcher never blocks ingest: it only talks to the store's queue. Concurrency is
+//! capped globally and per destination host, so one slow tracker cannot hold back others.
+
+mod outcome;
+pub mod schedule;
+
+use crate::plan::Plan;
+use crate::render::{self, Request};
+use crate::store::{Attempt, Claimed, Next, Store};
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+/// Everything an attempt needs.
+#[derive(Clone)]
+pub struct Deliverer {
+    pub store: Store,
+    pub plan: Arc<ArcSwap<Plan>>,
+    pub client: reqwest::Client,
+    hosts: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
+}
+
+/// Builds the outgoing HTTP client (rustls, no redirects followed: a postback's answer is
+/// the answer of the URL it was sent to).
+pub fn client(user_agent: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(user_agent)
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(32)
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap_or_default()
+}
+
+impl Deliverer {
+    pub fn new(store: Store, plan: Arc<ArcSwap<Plan>>) -> Deliverer {
+        let ua = plan.load().settings.delivery.user_agent.clone();
+        Deliverer {
+            store,
+            plan,
+            client: client(&ua),
+            hosts: Arc::default(),
+        }
+    }
+
+    fn host_permit(&self, host: &str, limit: usize) -> Arc<Semaphore> {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        hosts
+            .entry(host.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(limit)))
+            .clone()
+    }
+
+    /// The dispatch loop; returns after `shutdown` flips, once in-flight attempts finish or
+    /// `grace` runs out (unfinished ones are retried at the next start).
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>, grace: Duration) {
+        let concurrency = self.plan.load().settings.delivery.concurrency;
+        let slots = Arc::new(Semaphore::new(concurrency));
+        let mut tasks = JoinSet::new();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            while tasks.try_join_next().is_some() {}
+            let free = slots.available_permits();
+            let claimed = if free > 0 {
+                match self.store.claim(crate::now_ms(), free.min(256)).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot claim deliveries");
+                        Vec::new()
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            let got = claimed.len();
+            for d in claimed {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    break;
+                };
+                let me = self.clone();
+                tasks.spawn(async move {
+                    me.attempt(d).await;
+                    drop(permit);
+                });
+            }
+            if got > 0 && got == free.min(256) {
+                continue;
+            }
+            let wait = match self.store.next_due().await {
+                Ok(Some(due)) => {
+                    Duration::from_millis((due - crate::now_ms()).clamp(0, 1000) as u64)
+                }
+                _ => Duration::from_secs(1),
+            };
+            if got > 0 && wait.is_zero() {
+                // Everything due is claimed but slots are busy: wait for one to free up.
+                tokio::select! {
+                    _ = tasks.join_next(), if !tasks.is_empty() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = self.store.wake.notified() => {}
+                _ = tokio::time::sleep(wait.max(Duration::from_millis(1))) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        let _ =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    }
+
+    /// One attempt at one delivery, start to finish.
+    pub async fn attempt(&self, d: Claimed) {
+        let plan = self.plan.load_full();
+        let finish = |attempt: Option<Attempt>, next: Next, reason: Option<String>| {
+            let store = self.store.clone();
+            async move {
+                if let Err(e) = store.finish(d.id, attempt, next, reason).await {
+                    // The delivery stays in flight in the store and is retried at next start.
+                    tracing::error!(delivery = d.id, error = %e, "cannot record delivery outcome");
+                }
+            }
+        };
+        let Some(entry) = plan.entry(&d.postback_id, &d.offer) else {
+            let reason = format!(
+                "postback `{}` no longer exists for offer `{}` (config {})",
+                d.postback_id, d.offer, plan.hash
+            );
+            tracing::info!(delivery = d.id, postback = %d.postback_id, reason = %reason, "delivery cancelled");
+            return finish(None, Next::Cancelled, Some(reason)).await;
+        };
+        if !entry.enabled {
+            let reason = format!(
+                "postback `{}` is disabled (config {})",
+                d.postback_id, plan.hash
+            );
+            tracing::info!(delivery = d.id, postback = %d.postback_id, reason = %reason, "delivery cancelled");
+            return finish(None, Next::Cancelled, Some(reason)).await;
+        }
+        if d.delayed && d.attempts == 0 {
+            // The hold is over: the conversion may have changed meanwhile (a fraud check
+            // rejected it). Fire only if the postback still matches its latest state.
+            let latest = d.latest.as_ref().unwrap_or(&d.event);
+            let ctx = render::event_context(latest, None, "");
+            if !plan.entry_holds(entry, latest, &ctx) {
+                let reason = format!(
+                    "conditions no longer hold after the delay (status now {})",
+                    latest.field("status").unwrap_or("unknown")
+                );
+                tracing::info!(delivery = d.id, postback = %d.postback_id, reason = %reason, "delivery cancelled");
+                return finish(None, Next::Cancelled, Some(reason)).await;
+            }
+        }
+        let pb = &plan.postbacks[entry.postback];
+        let attempt_no = d.attempts + 1;
+        let started = crate::now_ms();
+        let req = match render::render(&plan, entry, &d.event) {
+            Ok(r) => r,
+            Err(e) => {
+                let next = schedule::next(
+                    &pb.retry,
+                    attempt_no,
+                    d.created_at,
+                    started,
+                    &plan.settings.delivery,
+                    None,
+                    true,
+                );
+                tracing::warn!(delivery = d.id, postback = %pb.id, attempt = attempt_no, error = %e, "render failed");
+                let a = Attempt {
+                    started_at: started,
+                    outcome: "render_error".into(),
+                    error: Some(e.to_string()),
+                    config_version: plan.hash.clone(),
+                    method: pb.http.method.as_str().into(),
+                    ..Attempt::default()
+                };
+                return finish(Some(a), next, None).await;
+            }
+        };
+        let host = reqwest::Url::parse(&req.url)
+            .ok()
+            .and_then(|u| {
+                u.host_str()
+                    .map(|h| format!("{h}:{}", u.port_or_known_default().unwrap_or(0)))
+            })
+            .unwrap_or_default();
+        let host_slots = self.host_permit(&host, plan.settings.delivery.per_destination);
+        let _host_permit = host_slots.acquire_owned().await;
+        let timeout = pb.http.timeout.unwrap_or(plan.settings.delivery.timeout);
+        let t0 = Instant::now();
+        let result = self.send(&req, timeout).await;
+        let duration_ms = t0.elapsed().as_millis() as i64;
+        let out = outcome::judge(result, &pb.http.success);
+        let retryable = out.retryable();
+        let next = if out.is_success() {
+            Next::Delivered
+        } else {
+            schedule::next(
+                &pb.retry,
+                attempt_no,
+                d.created_at,
+                started + duration_ms,
+                &plan.settings.delivery,
+                out.retry_after(),
+                retryable,
+            )
+        };
+        let (status, body, error) = out.parts();
+        tracing::info!(
+            delivery = d.id,
+            postback = %pb.id,
+            attempt = attempt_no,
+            outcome = out.class(),
+            status = status.map(i64::from).unwrap_or(0),
+            duration_ms,
+            next = next_label(&next),
+            url = %plan.redact(&req.url),
+            "delivery attempt"
+        );
+        let a = Attempt {
+            started_at: started,
+            duration_ms,
+            method: req.method.as_str().into(),
+            url: plan.redact(&req.url),
+            request_body: req
+                .body
+                .as_ref()
+                .filter(|b| !b.is_empty())
+                .map(|b| plan.redact(&String::from_utf8_lossy(&b[..b.len().min(4096)]))),
+            response_status: status,
+            response_body: body.map(|b| plan.redact(&b)),
+            error,
+            outcome: out.class().into(),
+            config_version: plan.hash.clone(),
+        };
+        finish(Some(a), next, None).await
+    }
+
+    async fn send(
+        &self,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<(u16, Option<Duration>, String), reqwest::Error> {
+        let method = reqwest::Method::from_bytes(req.method.as_str().as_bytes())
+            .unwrap_or(reqwest::Method::GET);
+        let mut rb = self.client.request(method, &req.url).timeout(timeout);
+        for (k, v) in &req.headers {
+            rb = rb.header(k, v);
+        }
+        if let Some(b) = &req.body {
+            rb = rb.body(b.clone());
+        }
+        let resp = rb.send().await?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(schedule::parse_retry_after);
+        let body = read_prefix(resp, 64 * 1024).await?;
+        Ok((status, retry_after, body))
+    }
+}
+
+fn next_label(n: &Next) -> &'static str {
+    match n {
+        Next::Delivered => "delivered",
+        Next::Retry { .. } => "retry",
+        Next::Dead => "dead",
+        Next::Cancelled => "cancelled",
+    }
+}
+
+/// Reads at most `limit` bytes of a response body; the rest is dropped unread.
+async fn read_prefix(mut resp: reqwest::Response, limit: usize) -> Result<String, reqwest::Error> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let take = (limit - buf.len()).min(chunk.len());
+        buf.extend_from_slice(&chunk[..take]);
+        if buf.len() >= limit {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}

@@ -1,0 +1,295 @@
+//! Ingest: incoming postbacks and events over HTTP, turned into [`event::Event`]s and
+//! handed to the store. A sender always learns what happened: the event id and the
+//! postbacks it matched, or a 4xx with a reason. Ingest never waits on outgoing requests.
+
+pub mod event;
+
+use crate::plan::{Plan, Source};
+use crate::server::AppState;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use event::{Event, FieldMap, Kind};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The built-in source used by `/postback` when the config defines no `default` source.
+fn builtin_default() -> Source {
+    Source {
+        id: "default".into(),
+        secret: None,
+        secret_param: "token".into(),
+        secret_header: None,
+        map: FieldMap::default(),
+        kind: Kind::Conversion,
+    }
+}
+
+/// A rejected request: status plus a JSON reason.
+pub struct Reject(StatusCode, Value);
+
+impl Reject {
+    fn new(code: StatusCode, msg: impl Into<String>) -> Reject {
+        Reject(code, json!({ "error": msg.into() }))
+    }
+}
+
+impl IntoResponse for Reject {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> Reject {
+    Reject::new(StatusCode::BAD_REQUEST, msg)
+}
+
+fn resolve_source(plan: &Plan, name: Option<&str>) -> Result<Source, Reject> {
+    match name {
+        Some(n) => plan.sources.get(n).cloned().ok_or_else(|| {
+            Reject::new(
+                StatusCode::NOT_FOUND,
+                format!("unknown source `{n}`: configure it under `sources:`"),
+            )
+        }),
+        None => Ok(plan
+            .sources
+            .get("default")
+            .cloned()
+            .unwrap_or_else(builtin_default)),
+    }
+}
+
+/// Checks the source's shared secret and removes it from the parameters, so it is never
+/// stored or forwarded.
+fn check_secret(
+    source: &Source,
+    headers: &HeaderMap,
+    params: &mut BTreeMap<String, String>,
+) -> Result<(), Reject> {
+    let Some(want) = &source.secret else {
+        return Ok(());
+    };
+    let from_param = params.remove(&source.secret_param);
+    let got = match &source.secret_header {
+        Some(h) => headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        None => from_param,
+    };
+    match got {
+        Some(g) if constant_time_eq(g.as_bytes(), want.as_bytes()) => Ok(()),
+        Some(_) => Err(Reject::new(
+            StatusCode::UNAUTHORIZED,
+            format!("wrong secret for source `{}`", source.id),
+        )),
+        None => {
+            let where_ = match &source.secret_header {
+                Some(h) => format!("header `{h}`"),
+                None => format!("parameter `{}`", source.secret_param),
+            };
+            Err(Reject::new(
+                StatusCode::UNAUTHORIZED,
+                format!("source `{}` requires its secret in {where_}", source.id),
+            ))
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Flattens a JSON object into string parameters.
+fn json_params(
+    v: &serde_json::Map<String, Value>,
+    out: &mut BTreeMap<String, String>,
+) -> Result<(), String> {
+    for (k, v) in v {
+        let s = match v {
+            Value::Null => continue,
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::Object(inner) if k == "params" => {
+                json_params(inner, out)?;
+                continue;
+            }
+            Value::Array(_) | Value::Object(_) => {
+                return Err(format!("field `{k}` must be a string, number or boolean"))
+            }
+        };
+        out.insert(k.clone(), s);
+    }
+    Ok(())
+}
+
+fn query_params(q: Option<&str>, out: &mut BTreeMap<String, String>) {
+    if let Some(q) = q {
+        for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+            out.insert(k.into_owned(), v.into_owned());
+        }
+    }
+}
+
+fn body_params(
+    headers: &HeaderMap,
+    body: &[u8],
+    out: &mut BTreeMap<String, String>,
+) -> Result<(), Reject> {
+    if body.is_empty() {
+        return Ok(());
+    }
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if ct.starts_with("application/json") || (ct.is_empty() && body.first() == Some(&b'{')) {
+        let v: Value = serde_json::from_slice(body)
+            .map_err(|e| bad(format!("body is not valid JSON: {e}")))?;
+        let Value::Object(obj) = v else {
+            return Err(bad("JSON body must be an object of fields"));
+        };
+        json_params(&obj, out).map_err(bad)
+    } else if ct.starts_with("application/x-www-form-urlencoded") || ct.is_empty() {
+        for (k, v) in form_urlencoded::parse(body) {
+            out.insert(k.into_owned(), v.into_owned());
+        }
+        Ok(())
+    } else {
+        Err(Reject::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("unsupported content type `{ct}`: send a query string, a form or JSON"),
+        ))
+    }
+}
+
+async fn accept(state: AppState, plan: Arc<Plan>, event: Event) -> Result<Value, Reject> {
+    let kind = event.kind;
+    let source = event.source.clone();
+    match state.store.ingest(event, plan).await {
+        Ok(a) => {
+            tracing::debug!(event = %a.event_id, %kind, %source, matched = a.matched.len(), queued = a.queued, "event accepted");
+            Ok(json!({ "event_id": a.event_id, "matched": a.matched, "queued": a.queued }))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "event not stored; answering 503");
+            Err(Reject::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("event not stored, send it again later: {e}"),
+            ))
+        }
+    }
+}
+
+/// `GET|POST /postback` and `/postback/{source}`: tracker-style incoming postbacks.
+pub async fn postback(
+    State(state): State<AppState>,
+    source: Option<Path<String>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, Reject> {
+    let plan = state.plan.load_full();
+    let source = resolve_source(&plan, source.as_ref().map(|p| p.0.as_str()))?;
+    let mut params = BTreeMap::new();
+    query_params(query.as_deref(), &mut params);
+    body_params(&headers, &body, &mut params)?;
+    check_secret(&source, &headers, &mut params)?;
+    let event = Event::from_params(
+        params,
+        source.kind,
+        &source.id,
+        &source.map,
+        crate::now_ms(),
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    accept(state, plan, event).await.map(Json)
+}
+
+/// `POST /v1/events`: one JSON event or a batch (an array, at most 1000). A batch is
+/// validated whole: if any event is bad, none is accepted and the reply says which.
+pub async fn events(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, Reject> {
+    let plan = state.plan.load_full();
+    let mut q = BTreeMap::new();
+    query_params(query.as_deref(), &mut q);
+    let source = resolve_source(&plan, q.get("source").map(String::as_str))?;
+    let v: Value =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("body is not valid JSON: {e}")))?;
+    let (items, batch) = match v {
+        Value::Array(a) => (a, true),
+        obj @ Value::Object(_) => (vec![obj], false),
+        _ => return Err(bad("send a JSON object (one event) or an array of them")),
+    };
+    if items.len() > 1000 {
+        return Err(bad("a batch holds at most 1000 events"));
+    }
+    let mut evs = Vec::with_capacity(items.len());
+    let mut errors = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let Value::Object(obj) = item else {
+            errors.push(json!({"index": i, "error": "each event must be a JSON object"}));
+            continue;
+        };
+        let mut params = q.clone();
+        params.remove("source");
+        if let Err(e) = json_params(obj, &mut params) {
+            errors.push(json!({"index": i, "error": e}));
+            continue;
+        }
+        check_secret(&source, &headers, &mut params)?;
+        match Event::from_params(
+            params,
+            source.kind,
+            &source.id,
+            &source.map,
+            crate::now_ms(),
+        ) {
+            Ok(e) => evs.push(e),
+            Err(e) => errors.push(json!({"index": i, "error": e.to_string()})),
+        }
+    }
+    if !errors.is_empty() {
+        let body = json!({ "error": "invalid events; none were accepted", "errors": errors });
+        return Err(Reject(StatusCode::BAD_REQUEST, body));
+    }
+    let futs = evs
+        .into_iter()
+        .map(|e| accept(state.clone(), plan.clone(), e));
+    let results = futures_join_all(futs).await;
+    let mut out = Vec::with_capacity(results.len());
+    for r in results {
+        out.push(r?);
+    }
+    if batch {
+        Ok(Json(json!({ "events": out })))
+    } else {
+        Ok(Json(out.into_iter().next().unwrap_or_default()))
+    }
+}
+
+/// Awaits futures concurrently so a batch lands in one group commit.
+async fn futures_join_all<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
+}

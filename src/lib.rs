@@ -1,0 +1,111 @@
+//! postbackd: conversion webhooks in, durable templated postbacks out.
+//!
+//! The data flows through the modules in this order:
+//!
+//! - [`config`]: YAML files in a directory → a checked, immutable [`plan::Plan`];
+//! - [`ingest`]: HTTP requests from trackers → canonical [`ingest::event::Event`]s;
+//! - [`plan`]: which postbacks an event fires (indexed matching);
+//! - [`render`]: a postback + an event → the exact HTTP request (minijinja macros);
+//! - [`store`]: the durable queue and delivery log in SQLite, group-committed;
+//! - [`deliver`]: claims due deliveries, sends them, judges answers, schedules retries.
+//!
+//! [`server`] wires the HTTP routes and [`cli`] the commands; [`run`] starts the daemon.
+
+pub mod cli;
+pub mod config;
+pub mod deliver;
+pub mod ingest;
+pub mod plan;
+pub mod render;
+pub mod server;
+pub mod store;
+
+use arc_swap::ArcSwap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Milliseconds since the unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// How to start the daemon.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config_dir: PathBuf,
+    /// Overrides `listen` from `postbackd.yaml`.
+    pub listen: Option<SocketAddr>,
+    /// Overrides `data_dir` from `postbackd.yaml`.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Loads the config, opens the store, serves HTTP and delivers, until `shutdown` resolves.
+/// Then it stops accepting, lets in-flight attempts finish (up to 10 s) and returns.
+pub async fn run(
+    opts: Options,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let mut plan =
+        config::load_dir(&opts.config_dir).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+    if let Some(l) = opts.listen {
+        plan.settings.listen = l;
+    }
+    if let Some(d) = &opts.data_dir {
+        plan.settings.data_dir = d.clone();
+    }
+    let store = store::Store::open(&plan.settings.data_dir)?;
+    let listener = tokio::net::TcpListener::bind(plan.settings.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", plan.settings.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        %addr,
+        config = %opts.config_dir.display(),
+        version = %plan.hash,
+        offers = plan.offers.len(),
+        postbacks = plan.postbacks.len(),
+        store = %store.path.display(),
+        "listening"
+    );
+    let plan = Arc::new(ArcSwap::from_pointee(plan));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let deliverer = deliver::Deliverer::new(store.clone(), plan.clone());
+    let delivering = tokio::spawn(deliverer.run(stop_rx, Duration::from_secs(10)));
+    let app = server::router(server::AppState { plan, store });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    tracing::info!("shutting down: finishing in-flight deliveries");
+    let _ = stop_tx.send(true);
+    let _ = delivering.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

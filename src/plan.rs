@@ -1,0 +1,313 @@
+//! The compiled, immutable rule set, and matching an event against it.
+//!
+//! A [`Plan`] is what [`crate::config`] produces: every template, expression, URL and
+//! duration already parsed. Matching is indexed by (trigger, offer), so its cost depends on
+//! the postbacks that could apply to an event, not on how many rules are loaded.
+
+use crate::ingest::event::{Event, FieldMap, Kind, Status};
+use crate::render::template::{Engine, TemplateId};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The offer scope key used for postbacks that apply to every offer.
+pub const ALL_OFFERS: &str = "*";
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub delivery: DeliverySettings,
+    pub log_json: bool,
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    pub timeout: Duration,
+    pub concurrency: usize,
+    pub per_destination: usize,
+    pub retry: Vec<Duration>,
+    pub max_age: Duration,
+    pub user_agent: String,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        let m = 60;
+        DeliverySettings {
+            timeout: Duration::from_secs(10),
+            concurrency: 64,
+            per_destination: 8,
+            retry: [5, m, 5 * m, 30 * m, 120 * m, 360 * m, 720 * m, 1440 * m]
+                .into_iter()
+                .map(Duration::from_secs)
+                .collect(),
+            max_age: Duration::from_secs(72 * 3600),
+            user_agent: format!("postbackd/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub id: String,
+    pub secret: Option<String>,
+    pub secret_param: String,
+    pub secret_header: Option<String>,
+    pub map: FieldMap,
+    pub kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+pub struct Offer {
+    pub id: String,
+    pub name: Option<String>,
+    pub goals: Vec<String>,
+    pub goals_enabled: bool,
+}
+
+/// Where a postback was written, for errors, `check` output and the config API.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: u64,
+}
+
+#[derive(Debug)]
+pub struct Postback {
+    pub id: String,
+    pub name: Option<String>,
+    pub origin: Origin,
+    pub trigger: Kind,
+    pub statuses: Option<Vec<Status>>,
+    pub http: HttpAction,
+    pub retry: Vec<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Post,
+    Put,
+    Patch,
+    Delete,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Patch => "PATCH",
+            Method::Delete => "DELETE",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct HttpAction {
+    pub method: Method,
+    pub url: TemplateId,
+    pub params: Vec<(String, TemplateId)>,
+    pub headers: Vec<(String, TemplateId)>,
+    pub body: Body,
+    pub auth: Option<Auth>,
+    pub timeout: Option<Duration>,
+    pub success: Success,
+}
+
+#[derive(Debug)]
+pub enum Body {
+    None,
+    Form(Vec<(String, TemplateId)>),
+    Json(JsonTemplate),
+    Raw {
+        template: TemplateId,
+        content_type: String,
+    },
+}
+
+/// A JSON body whose strings are templates. A string that is one whole expression keeps
+/// the value's type (`"{{ payout }}"` becomes a number).
+#[derive(Debug)]
+pub enum JsonTemplate {
+    Static(serde_json::Value),
+    Text(TemplateId),
+    Whole(TemplateId),
+    Array(Vec<JsonTemplate>),
+    Object(Vec<(String, JsonTemplate)>),
+}
+
+#[derive(Debug, Clone)]
+pub enum Auth {
+    Basic { username: String, password: String },
+    Bearer(String),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Success {
+    /// Accepted statuses; empty means 200-299.
+    pub status: Vec<u16>,
+    pub body_contains: Option<String>,
+    pub body_not_contains: Option<String>,
+    pub json: Vec<(String, serde_json::Value)>,
+}
+
+/// One postback as it applies to one offer (or to all offers), with that offer's overrides.
+#[derive(Debug)]
+pub struct Entry {
+    pub postback: usize,
+    /// The offer id, or [`ALL_OFFERS`].
+    pub offer: String,
+    pub enabled: bool,
+    pub delay: Duration,
+    pub vars: Arc<BTreeMap<String, String>>,
+    pub conditions: Conditions,
+}
+
+#[derive(Debug, Default)]
+pub struct Conditions {
+    /// Goal condition, kept apart because an offer with goals switched off ignores it.
+    pub goal: Option<Vec<String>>,
+    /// (field, accepted values): all must hold.
+    pub when: Vec<(String, Vec<String>)>,
+    /// (field, rejected values): none may hold.
+    pub unless: Vec<(String, Vec<String>)>,
+    pub expr: Option<TemplateId>,
+}
+
+/// A postback an event matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Match {
+    pub entry: usize,
+    pub postback_id: String,
+    pub offer: String,
+    pub delay: Duration,
+}
+
+#[derive(Debug)]
+pub struct Plan {
+    /// Content hash of every config file: the config version.
+    pub hash: String,
+    pub settings: Settings,
+    pub sources: HashMap<String, Source>,
+    pub offers: HashMap<String, Offer>,
+    pub postbacks: Vec<Postback>,
+    pub by_id: HashMap<String, usize>,
+    pub entries: Vec<Entry>,
+    /// (trigger, offer id or ALL_OFFERS) → entries.
+    pub index: HashMap<(Kind, String), Vec<usize>>,
+    pub entry_by_key: HashMap<(String, String), usize>,
+    pub engine: Engine,
+    /// Secret values, masked out of the delivery log.
+    pub secrets: Vec<String>,
+}
+
+impl Plan {
+    /// The postbacks an event fires, in config order. A condition that fails to evaluate
+    /// (say, comparing a missing number) does not match, and says why in the log.
+    pub fn matches(&self, event: &Event) -> Vec<Match> {
+        let offer = event.field("offer_id").unwrap_or_default();
+        let mut out = Vec::new();
+        let ctx = std::cell::OnceCell::new();
+        let candidates = [
+            self.index.get(&(event.kind, offer.to_string())),
+            self.index.get(&(event.kind, ALL_OFFERS.to_string())),
+        ];
+        for idx in candidates.into_iter().flatten().flatten() {
+            let entry = &self.entries[*idx];
+            if !entry.enabled {
+                continue;
+            }
+            let ctx = ctx.get_or_init(|| crate::render::event_context(event, None, ""));
+            if self.entry_holds(entry, event, ctx) {
+                out.push(Match {
+                    entry: *idx,
+                    postback_id: self.postbacks[entry.postback].id.clone(),
+                    offer: entry.offer.clone(),
+                    delay: entry.delay,
+                });
+            }
+        }
+        out.sort_by_key(|m| m.entry);
+        out
+    }
+
+    /// Whether one entry's trigger and conditions hold for an event (used again when a
+    /// delayed postback's hold ends).
+    pub fn entry_holds(&self, entry: &Entry, event: &Event, ctx: &minijinja::Value) -> bool {
+        let pb = &self.postbacks[entry.postback];
+        if pb.trigger != event.kind {
+            return false;
+        }
+        if let (Some(statuses), Some(status)) = (&pb.statuses, event.status()) {
+            if !statuses.contains(&status) {
+                return false;
+            }
+        }
+        let c = &entry.conditions;
+        if let Some(goals) = &c.goal {
+            let goals_on = event
+                .field("offer_id")
+                .and_then(|o| self.offers.get(o))
+                .map(|o| o.goals_enabled)
+                .unwrap_or(true);
+            if goals_on && !field_in(event, "goal", goals) {
+                return false;
+            }
+        }
+        if !c.when.iter().all(|(f, vals)| field_in(event, f, vals)) {
+            return false;
+        }
+        if c.unless.iter().any(|(f, vals)| field_in(event, f, vals)) {
+            return false;
+        }
+        if let Some(expr) = &c.expr {
+            match self.engine.holds(expr, ctx) {
+                Ok(b) => return b,
+                Err(e) => {
+                    tracing::warn!(postback = %pb.id, event = %event.id, error = %e, "condition could not be evaluated; not matched");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    pub fn entry(&self, postback_id: &str, offer: &str) -> Option<&Entry> {
+        self.entry_by_key
+            .get(&(postback_id.to_string(), offer.to_string()))
+            .map(|i| &self.entries[*i])
+    }
+
+    pub fn postback(&self, id: &str) -> Option<&Postback> {
+        self.by_id.get(id).map(|i| &self.postbacks[*i])
+    }
+
+    /// Masks secret values in text bound for the delivery log.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for s in &self.secrets {
+            if s.len() >= 4 && out.contains(s.as_str()) {
+                out = out.replace(s.as_str(), "***");
+            }
+        }
+        out
+    }
+}
+
+fn field_in(event: &Event, field: &str, values: &[String]) -> bool {
+    let v = if field == "kind" {
+        Some(event.kind.as_str())
+    } else {
+        event.field(field)
+    };
+    match v {
+        Some(v) => values.iter().any(|x| x.eq_ignore_ascii_case(v)),
+        None => false,
+    }
+}

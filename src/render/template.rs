@@ -1,0 +1,472 @@
+//! The macro engine: minijinja, plus the industry's `{clickid}` shorthand.
+//!
+//! Every template of a plan is compiled once into one [`Engine`]. Values are URL-encoded in
+//! URL templates and JSON-escaped in JSON bodies unless marked `raw`. Unknown variables are
+//! errors (strict undefined), so a misspelled macro is never sent literally.
+
+use minijinja::value::{Kwargs, Value};
+use minijinja::{AutoEscape, Environment, Error, ErrorKind, State, UndefinedBehavior};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use sha2::Digest;
+use std::collections::BTreeMap;
+
+/// RFC 3986 unreserved characters stay; everything else is percent-encoded.
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// How a template's output is escaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Escape {
+    /// Values are percent-encoded (URL templates).
+    Url,
+    /// Values are serialised as JSON (raw JSON bodies).
+    Json,
+    /// Values are written as they are (headers, form values, JSON leaves).
+    Plain,
+}
+
+impl Escape {
+    fn suffix(self) -> &'static str {
+        match self {
+            Escape::Url => ".url",
+            Escape::Json => ".json",
+            Escape::Plain => ".txt",
+        }
+    }
+}
+
+/// A compiled template's handle inside an [`Engine`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateId(String);
+
+/// All templates of one plan.
+pub struct Engine {
+    env: Environment<'static>,
+    count: usize,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Engine({} templates)", self.count)
+    }
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Engine {
+    pub fn new() -> Engine {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_auto_escape_callback(|name| {
+            if name.ends_with(".url") {
+                AutoEscape::Custom("url")
+            } else if name.ends_with(".json") {
+                AutoEscape::Json
+            } else {
+                AutoEscape::None
+            }
+        });
+        env.set_formatter(|out, state, value| {
+            if state.auto_escape() == AutoEscape::Custom("url") && !value.is_safe() {
+                let s = if value.is_none() {
+                    String::new()
+                } else {
+                    value.to_string()
+                };
+                write!(out, "{}", utf8_percent_encode(&s, COMPONENT)).map_err(Error::from)
+            } else if value.is_none() {
+                Ok(())
+            } else {
+                minijinja::escape_formatter(out, state, value)
+            }
+        });
+        env.add_filter("raw", |v: Value| Value::from_safe_string(v.to_string()));
+        env.add_filter("urlencode", |v: Value| {
+            utf8_percent_encode(&v.to_string(), COMPONENT).to_string()
+        });
+        env.add_filter("sha256", sha256_filter);
+        env.add_filter("sha256_raw", |v: Value| {
+            hex(&sha2::Sha256::digest(v.to_string().as_bytes()))
+        });
+        env.add_filter("md5", |v: Value| {
+            hex(&md5::Md5::digest(v.to_string().as_bytes()))
+        });
+        env.add_filter("digits", |v: Value| {
+            v.to_string()
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect::<String>()
+        });
+        env.add_filter("value_map", value_map);
+        env.add_filter("date", date_filter);
+        env.add_function("uuid", || uuid::Uuid::new_v4().to_string());
+        Engine { env, count: 0 }
+    }
+
+    /// Compiles a template. Returns its handle and the variables it reads (top-level names,
+    /// with `params.x` and `vars.x` kept dotted) for the config check.
+    pub fn add(
+        &mut self,
+        source: &str,
+        escape: Escape,
+    ) -> Result<(TemplateId, Vec<String>), String> {
+        let name = format!("t{}{}", self.count, escape.suffix());
+        self.env
+            .add_template_owned(name.clone(), source.to_string())
+            .map_err(describe)?;
+        self.count += 1;
+        let tmpl = self.env.get_template(&name).map_err(describe)?;
+        let mut vars: Vec<String> = tmpl.undeclared_variables(true).into_iter().collect();
+        vars.sort();
+        Ok((TemplateId(name), vars))
+    }
+
+    /// Compiles a boolean expression (`payout > 0 and country != "US"`).
+    pub fn add_condition(&mut self, expr: &str) -> Result<(TemplateId, Vec<String>), String> {
+        // Compile once as an expression for a clear syntax error, then as a template that
+        // prints 1 when it holds, so the plan owns it without borrowing the environment.
+        self.env.compile_expression(expr).map_err(describe)?;
+        self.add(&format!("{{% if {expr} %}}1{{% endif %}}"), Escape::Plain)
+    }
+
+    pub fn render(&self, id: &TemplateId, ctx: &Value) -> Result<String, String> {
+        self.env
+            .get_template(&id.0)
+            .and_then(|t| t.render(ctx))
+            .map_err(describe)
+    }
+
+    /// Evaluates a condition compiled with [`Engine::add_condition`].
+    pub fn holds(&self, id: &TemplateId, ctx: &Value) -> Result<bool, String> {
+        Ok(self.render(id, ctx)? == "1")
+    }
+}
+
+/// One line saying what went wrong in a template, without minijinja's internal names.
+fn describe(e: Error) -> String {
+    let mut msg = match e.kind() {
+        ErrorKind::UndefinedError => "undefined value".to_string(),
+        _ => e
+            .detail()
+            .map(str::to_string)
+            .unwrap_or_else(|| e.to_string()),
+    };
+    if e.kind() == ErrorKind::UndefinedError {
+        if let Some(d) = e.detail() {
+            msg = format!("{msg}: {d}");
+        }
+    }
+    msg
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// SHA-256 of the value normalised as Meta's and TikTok's APIs require: trimmed and
+/// lower-cased. Phone numbers should go through `digits` first.
+fn sha256_filter(v: Value) -> String {
+    let s = v.to_string();
+    let norm = s.trim().to_lowercase();
+    if norm.is_empty() {
+        return String::new();
+    }
+    hex(&sha2::Sha256::digest(norm.as_bytes()))
+}
+
+/// `{{ status | value_map(approved=1, pending=2) }}` or with a dict; unmapped values pass
+/// through unless `default=` is given.
+fn value_map(v: Value, map: Option<Value>, kwargs: Kwargs) -> Result<Value, Error> {
+    let key = v.to_string();
+    if let Some(m) = map {
+        if let Ok(found) = m.get_item(&Value::from(key.as_str())) {
+            if !found.is_undefined() {
+                return Ok(found);
+            }
+        }
+    }
+    for arg in kwargs.args() {
+        if arg == key {
+            let found: Value = kwargs.get(arg)?;
+            return Ok(found);
+        }
+    }
+    let default: Option<Value> = kwargs.get("default")?;
+    kwargs.assert_all_used().ok();
+    Ok(default.unwrap_or(v))
+}
+
+/// `{{ timestamp | date("%Y-%m-%d %H:%M", "Europe/Berlin") }}`: formats unix seconds (or
+/// milliseconds, or an RFC 3339 string) in a time zone (UTC by default).
+fn date_filter(
+    _state: &State,
+    v: Value,
+    format: Option<String>,
+    tz: Option<String>,
+) -> Result<String, Error> {
+    let ts = parse_instant(&v.to_string()).ok_or_else(|| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("date: `{v}` is not a unix time or an RFC 3339 date"),
+        )
+    })?;
+    let tz_name = tz.unwrap_or_else(|| "UTC".into());
+    let zone = jiff::tz::TimeZone::get(&tz_name).map_err(|_| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("date: unknown time zone `{tz_name}`"),
+        )
+    })?;
+    let zoned = ts.to_zoned(zone);
+    let fmt = format.unwrap_or_else(|| "%Y-%m-%dT%H:%M:%S%:z".into());
+    jiff::fmt::strtime::format(fmt.as_str(), &zoned).map_err(|e| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("date: bad format `{fmt}`: {e}"),
+        )
+    })
+}
+
+/// Unix seconds, unix milliseconds, or RFC 3339.
+pub fn parse_instant(s: &str) -> Option<jiff::Timestamp> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<i64>() {
+        return if n.abs() > 100_000_000_000 {
+            jiff::Timestamp::from_millisecond(n).ok()
+        } else {
+            jiff::Timestamp::from_second(n).ok()
+        };
+    }
+    s.parse::<jiff::Timestamp>().ok()
+}
+
+/// Rewrites the `{name}` / `{name:modifier}` shorthand into minijinja syntax. Jinja
+/// syntax (`{{ }}`, `{% %}`, `{# #}`) passes through untouched.
+///
+/// Modifiers: `raw` (not encoded), `hash`/`sha256`, `md5`, `lower`, `upper`,
+/// `date:FORMAT[,TZ]` on `{date:...}`, and a value map `{status:approved=1 pending=2}`.
+pub fn expand_shorthand(src: &str) -> String {
+    let mut out = String::with_capacity(src.len() + 16);
+    let bytes = src.as_bytes();
+    let mut i = 0;
+    while i < src.len() {
+        let c = bytes[i];
+        if c == b'{' {
+            let next = bytes.get(i + 1).copied();
+            if matches!(next, Some(b'{') | Some(b'%') | Some(b'#')) {
+                // Copy the jinja block through to its closing delimiter.
+                let close = match next {
+                    Some(b'{') => "}}",
+                    Some(b'%') => "%}",
+                    _ => "#}",
+                };
+                let end = src[i + 2..]
+                    .find(close)
+                    .map(|p| i + 2 + p + 2)
+                    .unwrap_or(src.len());
+                out.push_str(&src[i..end]);
+                i = end;
+                continue;
+            }
+            if let Some(len) = src[i + 1..].find('}') {
+                let inner = &src[i + 1..i + 1 + len];
+                if let Some(expr) = shorthand_expr(inner) {
+                    out.push_str("{{ ");
+                    out.push_str(&expr);
+                    out.push_str(" }}");
+                    i += len + 2;
+                    continue;
+                }
+            }
+        }
+        let ch = src[i..].chars().next().unwrap_or('\u{fffd}');
+        out.push(ch);
+        i += ch.len_utf8();
+    }
+    out
+}
+
+fn is_ident(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && s.split('.').all(|part| {
+            !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+}
+
+fn quote(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+fn shorthand_expr(inner: &str) -> Option<String> {
+    let (name, modifier) = match inner.split_once(':') {
+        Some((n, m)) => (n.trim(), Some(m.trim())),
+        None => (inner.trim(), None),
+    };
+    if !is_ident(name) {
+        return None;
+    }
+    // `{_clickid}` is the unencoded form in some trackers.
+    let (name, raw_prefix) = match name.strip_prefix('_') {
+        Some(rest) if is_ident(rest) => (rest, true),
+        _ => (name, false),
+    };
+    let base = match name {
+        "rand" | "random" | "uuid" => "uuid()".to_string(),
+        n => n.to_string(),
+    };
+    let expr = match modifier {
+        None => base,
+        Some("raw") => format!("{base} | raw"),
+        Some("hash") | Some("sha256") => format!("{base} | sha256"),
+        Some("md5") => format!("{base} | md5"),
+        Some("lower") => format!("{base} | lower"),
+        Some("upper") => format!("{base} | upper"),
+        Some("urlencode") => base,
+        Some(m) if m.contains('=') => {
+            let pairs: Vec<String> = m
+                .split_whitespace()
+                .filter_map(|p| p.split_once('='))
+                .map(|(k, v)| format!("{}: {}", quote(k), quote(v)))
+                .collect();
+            format!("{base} | value_map({{{}}})", pairs.join(", "))
+        }
+        Some(m) if name == "date" || name == "time" || name == "timestamp" => {
+            let (fmt, tz) = match m.rsplit_once(',') {
+                Some((f, tz)) => (f, Some(tz.trim())),
+                None => (m, None),
+            };
+            match tz {
+                Some(tz) => format!("timestamp | date({}, {})", quote(fmt), quote(tz)),
+                None => format!("timestamp | date({})", quote(fmt)),
+            }
+        }
+        Some(_) => return None,
+    };
+    Some(if raw_prefix {
+        format!("{expr} | raw")
+    } else {
+        expr
+    })
+}
+
+/// Builds a template context from a map of string fields, typing the numeric ones.
+pub fn context(map: BTreeMap<String, Value>) -> Value {
+    Value::from(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Value {
+        let mut m = BTreeMap::new();
+        m.insert("clickid".into(), Value::from("a b&c"));
+        m.insert("payout".into(), Value::from(12.5));
+        m.insert("status".into(), Value::from("approved"));
+        m.insert("email".into(), Value::from("  John@Example.com "));
+        m.insert("timestamp".into(), Value::from(1_700_000_000));
+        m.insert("none".into(), Value::from(()));
+        context(m)
+    }
+
+    fn render(src: &str, esc: Escape) -> Result<String, String> {
+        let mut e = Engine::new();
+        let (id, _) = e.add(&expand_shorthand(src), esc)?;
+        e.render(&id, &ctx())
+    }
+
+    #[test]
+    fn shorthand_and_url_encoding() {
+        assert_eq!(
+            render(
+                "https://t.example/pb?cid={clickid}&sum={payout}",
+                Escape::Url
+            )
+            .unwrap(),
+            "https://t.example/pb?cid=a%20b%26c&sum=12.5"
+        );
+        assert_eq!(
+            render("https://t.example/{clickid:raw}", Escape::Url).unwrap(),
+            "https://t.example/a b&c"
+        );
+        assert_eq!(
+            render("x={{ clickid }}", Escape::Url).unwrap(),
+            "x=a%20b%26c"
+        );
+    }
+
+    #[test]
+    fn value_map_date_and_hashes() {
+        assert_eq!(
+            render("{status:approved=1 pending=2}", Escape::Plain).unwrap(),
+            "1"
+        );
+        assert_eq!(
+            render("{date:%Y-%m-%d %H:%M,Europe/Berlin}", Escape::Plain).unwrap(),
+            "2023-11-14 23:13"
+        );
+        // Meta's normalisation: trim and lower-case before hashing.
+        assert_eq!(
+            render("{email:hash}", Escape::Plain).unwrap(),
+            "855f96e983f1f8e8be944692b6f719fd54329826cb62e98015efee8e2e071dd4"
+        );
+        assert_eq!(
+            render("{{ 'abc' | md5 }}", Escape::Plain).unwrap(),
+            "900150983cd24fb0d6963f7d28e17f72"
+        );
+        assert_eq!(render("{rand}", Escape::Plain).unwrap().len(), 36);
+    }
+
+    #[test]
+    fn json_bodies_escape_values() {
+        assert_eq!(
+            render(
+                r#"{"cid": {{ clickid }}, "sum": {{ payout }}}"#,
+                Escape::Json
+            )
+            .unwrap(),
+            r#"{"cid": "a b&c", "sum": 12.5}"#
+        );
+    }
+
+    #[test]
+    fn unknown_macros_are_errors_not_literals() {
+        let err = render("https://t.example/?x={subacc4}", Escape::Url).unwrap_err();
+        assert!(err.contains("undefined"), "{err}");
+        let mut e = Engine::new();
+        let (_, vars) = e
+            .add(&expand_shorthand("{subacc4}&{params.foo}"), Escape::Url)
+            .unwrap();
+        assert_eq!(vars, vec!["params.foo".to_string(), "subacc4".to_string()]);
+    }
+
+    #[test]
+    fn conditions() {
+        let mut e = Engine::new();
+        let (id, vars) = e
+            .add_condition(r#"payout > 10 and status != "rejected""#)
+            .unwrap();
+        assert!(e.holds(&id, &ctx()).unwrap());
+        assert_eq!(vars, vec!["payout".to_string(), "status".to_string()]);
+        assert!(e.add_condition("payout >").is_err());
+    }
+
+    #[test]
+    fn braces_that_are_not_macros_pass_through() {
+        assert_eq!(expand_shorthand("a {not a macro} b"), "a {not a macro} b");
+        assert_eq!(expand_shorthand("{{ x }} {% if y %}"), "{{ x }} {% if y %}");
+        assert_eq!(expand_shorthand("ü{clickid}"), "ü{{ clickid }}");
+    }
+}

@@ -1,0 +1,85 @@
+//! The store's tables, created or upgraded at open. `PRAGMA user_version` is the schema
+//! version.
+
+use rusqlite::Connection;
+
+const V1: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT PRIMARY KEY,
+    received_at INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    conv_key TEXT,
+    clickid TEXT,
+    transaction_id TEXT,
+    offer_id TEXT,
+    affiliate_id TEXT,
+    event TEXT NOT NULL,
+    matched TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_received ON events(received_at);
+CREATE INDEX IF NOT EXISTS events_conv ON events(conv_key);
+
+-- The latest merged state of each conversion, keyed by source and transaction (or click).
+CREATE TABLE IF NOT EXISTS conversions (
+    key TEXT PRIMARY KEY,
+    status TEXT,
+    event TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+
+-- state: 0 pending, 1 in flight, 2 delivered, 3 dead, 4 cancelled.
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL,
+    postback_id TEXT NOT NULL,
+    offer TEXT NOT NULL,
+    conv_key TEXT,
+    order_key TEXT NOT NULL,
+    dedupe_key TEXT UNIQUE,
+    status TEXT,
+    event TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    due_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    delayed INTEGER NOT NULL DEFAULT 0,
+    last_status INTEGER,
+    last_error TEXT,
+    clickid TEXT,
+    transaction_id TEXT,
+    offer_id TEXT,
+    affiliate_id TEXT,
+    goal TEXT
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, due_at);
+CREATE INDEX IF NOT EXISTS deliveries_order ON deliveries(order_key, id);
+CREATE INDEX IF NOT EXISTS deliveries_postback ON deliveries(postback_id, created_at);
+
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    delivery_id INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    started_at INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    method TEXT NOT NULL,
+    url TEXT NOT NULL,
+    request_body TEXT,
+    response_status INTEGER,
+    response_body TEXT,
+    error TEXT,
+    outcome TEXT NOT NULL,
+    config_version TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts(delivery_id, attempt);
+";
+
+pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version < 1 {
+        conn.execute_batch(V1)?;
+        conn.pragma_update(None, "user_version", 1)?;
+    }
+    Ok(())
+}

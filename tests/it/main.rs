@@ -1,0 +1,5 @@
+//! End-to-end tests: the real binary, real sockets, real files.
+
+mod check;
+mod e2e;
+mod support;

@@ -1,0 +1,255 @@
+//! Test harness: the real `postbackd` binary on a free port, and a real HTTP receiver that
+//! records what arrives.
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_postbackd");
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// One request as the receiver saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn param(&self, name: &str) -> Option<String> {
+        form_urlencoded::parse(self.query.as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    }
+}
+
+type Responder = Arc<dyn Fn(&Received) -> (u16, String) + Send + Sync>;
+
+/// A real HTTP server standing in for trackers and APIs.
+pub struct Sink {
+    pub addr: SocketAddr,
+    pub got: Arc<Mutex<Vec<Received>>>,
+    responder: Arc<Mutex<Responder>>,
+}
+
+impl Sink {
+    pub async fn start() -> Sink {
+        let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let responder: Arc<Mutex<Responder>> =
+            Arc::new(Mutex::new(Arc::new(|_: &Received| (200, "ok".to_string()))));
+        let (g, r) = (got.clone(), responder.clone());
+        let app = axum::Router::new().fallback(
+            move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+                let (g, r) = (g.clone(), r.clone());
+                async move {
+                    let rec = Received {
+                        method: method.to_string(),
+                        path: uri.path().to_string(),
+                        query: uri.query().unwrap_or("").to_string(),
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                            .collect(),
+                        body: String::from_utf8_lossy(&body).into_owned(),
+                    };
+                    let f = r.lock().unwrap().clone();
+                    let (status, body) = f(&rec);
+                    g.lock().unwrap().push(rec);
+                    (StatusCode::from_u16(status).unwrap(), body)
+                }
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Sink {
+            addr,
+            got,
+            responder,
+        }
+    }
+
+    pub fn respond(&self, f: impl Fn(&Received) -> (u16, String) + Send + Sync + 'static) {
+        *self.responder.lock().unwrap() = Arc::new(f);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+
+    pub fn on_path(&self, path: &str) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
+    }
+
+    /// Waits until `n` requests arrived at `path` (or any path when None).
+    pub async fn wait_for(&self, path: Option<&str>, n: usize, within: Duration) -> Vec<Received> {
+        let start = Instant::now();
+        loop {
+            let got: Vec<Received> = self
+                .received()
+                .into_iter()
+                .filter(|r| path.is_none_or(|p| r.path == p))
+                .collect();
+            if got.len() >= n || start.elapsed() > within {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Copies a config directory, pointing every `127.0.0.1:9000` destination at `sink`.
+pub fn config_for(src: &Path, sink: SocketAddr) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(src, dir.path(), sink);
+    dir
+}
+
+fn copy_dir(src: &Path, dst: &Path, sink: SocketAddr) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            if e.file_name() != "data" {
+                copy_dir(&e.path(), &to, sink);
+            }
+        } else {
+            let text = std::fs::read_to_string(e.path()).unwrap();
+            std::fs::write(to, text.replace("127.0.0.1:9000", &sink.to_string())).unwrap();
+        }
+    }
+}
+
+/// The real binary, running.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub logs: Arc<Mutex<Vec<String>>>,
+    _data_guard: Option<tempfile::TempDir>,
+}
+
+impl Daemon {
+    pub fn start(config: &Path) -> Daemon {
+        let data = tempfile::tempdir().unwrap();
+        let path = data.path().to_path_buf();
+        let mut d = Daemon::start_with(config, &path, &[]);
+        d._data_guard = Some(data);
+        d
+    }
+
+    pub fn start_with(config: &Path, data: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run")
+            .arg(config)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data);
+        cmd.env("POSTBACKD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start postbackd");
+        let stderr = child.stderr.take().unwrap();
+        let logs: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let l = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains(" listening ") {
+                    let addr = line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("addr="))
+                        .map(str::to_string);
+                    let _ = tx.send(addr);
+                }
+                l.lock().unwrap().push(line);
+            }
+            let _ = tx.send(None);
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Some(a)) => a.parse().unwrap(),
+            _ => panic!(
+                "postbackd did not start:\n{}",
+                logs.lock().unwrap().join("\n")
+            ),
+        };
+        Daemon {
+            child,
+            addr,
+            logs,
+            _data_guard: None,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub async fn wait_log(&self, needle: &str, within: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// GETs a URL and returns (status, JSON body).
+pub async fn get_json(url: &str) -> (u16, serde_json::Value) {
+    let r = client().get(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
