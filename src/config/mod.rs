@@ -886,15 +886,15 @@ impl Compiler {
                 None
             }
         };
-        if self.errors.len() > errors_before {
-            return;
-        }
-        let Some(http) = http else { return };
         let vars: BTreeMap<String, String> = p
             .vars
             .iter()
             .map(|(k, v)| (k.clone(), self.expand(&cx, v)))
             .collect();
+        if self.errors.len() > errors_before {
+            return;
+        }
+        let Some(http) = http else { return };
         let pb_index = self.postbacks.len();
         self.postbacks.push(Postback {
             id: id.clone(),

@@ -1,1 +1,272 @@
+//! Config compilation and matching, through one `plan(files)` helper.
 
+use super::*;
+use crate::ingest::event::Event;
+
+fn write(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    dir
+}
+
+fn plan(files: &[(&str, &str)]) -> Plan {
+    let dir = write(files);
+    load_dir(dir.path()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn errors(files: &[(&str, &str)]) -> Vec<String> {
+    let dir = write(files);
+    match load_dir(dir.path()) {
+        Ok(_) => panic!("expected errors"),
+        Err(e) => {
+            e.0.iter()
+                .map(|e| {
+                    let file = e.file.file_name().unwrap().to_string_lossy();
+                    format!("{file}:{}:{}: {}", e.line, e.column, e.message)
+                })
+                .collect()
+        }
+    }
+}
+
+fn event(pairs: &[(&str, &str)]) -> Event {
+    let params = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Event::from_params(params, Kind::Conversion, "default", &FieldMap::default(), 0).unwrap()
+}
+
+fn fired(p: &Plan, pairs: &[(&str, &str)]) -> Vec<String> {
+    p.matches(&event(pairs))
+        .into_iter()
+        .map(|m| m.postback_id)
+        .collect()
+}
+
+const OFFERS: &str = "offers:\n  - id: 1\n    goals: [lead, sale]\n  - id: 2\n    goals: [lead, sale]\n    goals_enabled: false\n";
+
+fn pb(body: &str) -> String {
+    format!("postbacks:\n{body}")
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+    assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+    assert!(parse_duration("5").unwrap_err().contains("missing unit"));
+    assert!(parse_duration("m5").is_err());
+}
+
+#[test]
+fn scope_statuses_and_conditions() {
+    let p = plan(&[
+        ("offers.yaml", OFFERS),
+        (
+            "rules.yaml",
+            &pb(r#"  - id: sales-of-1
+    trigger: conversion
+    statuses: [approved]
+    offers: [1]
+    when: { goal: sale, affiliate: [7, 8] }
+    http: { url: "https://t.example/a?c={clickid}" }
+  - id: global-not-us
+    trigger: conversion
+    unless: { country: US }
+    if: payout > 1
+    http: { url: "https://t.example/b?c={clickid}" }
+  - id: clicks
+    trigger: click
+    http: { url: "https://t.example/c?c={clickid}" }
+"#),
+        ),
+    ]);
+    let base = [
+        ("clickid", "c"),
+        ("offer_id", "1"),
+        ("goal", "sale"),
+        ("affiliate_id", "7"),
+        ("payout", "5"),
+    ];
+    assert_eq!(fired(&p, &base), vec!["sales-of-1", "global-not-us"]);
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut v = base.to_vec();
+        for (k, val) in extra {
+            v.retain(|(x, _)| x != k);
+            v.push((k, val));
+        }
+        fired(&p, &v)
+    };
+    assert_eq!(with(&[("status", "pending")]), vec!["global-not-us"]);
+    assert_eq!(with(&[("affiliate_id", "9")]), vec!["global-not-us"]);
+    assert_eq!(with(&[("offer_id", "3")]), vec!["global-not-us"]);
+    assert_eq!(with(&[("country", "US")]), vec!["sales-of-1"]);
+    assert_eq!(with(&[("payout", "0.5")]), vec!["sales-of-1"]);
+    // A missing payout makes the expression false, not an error that fires everything.
+    let no_payout: Vec<_> = base
+        .iter()
+        .filter(|(k, _)| *k != "payout")
+        .copied()
+        .collect();
+    assert_eq!(fired(&p, &no_payout), vec!["sales-of-1"]);
+}
+
+#[test]
+fn goals_switched_off_are_ignored_and_come_back() {
+    let rules = pb(r#"  - id: sale-only
+    trigger: conversion
+    offers: [1, 2]
+    when: { goal: sale }
+    http: { url: "https://t.example/a?c={clickid}" }
+"#);
+    let p = plan(&[("offers.yaml", OFFERS), ("rules.yaml", &rules)]);
+    assert_eq!(
+        fired(&p, &[("clickid", "c"), ("offer_id", "1"), ("goal", "lead")]),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        fired(&p, &[("clickid", "c"), ("offer_id", "2"), ("goal", "lead")]),
+        vec!["sale-only"]
+    );
+    // Switching goals back on restores the goal condition as written.
+    let on = OFFERS.replace("goals_enabled: false", "goals_enabled: true");
+    let p = plan(&[("offers.yaml", &on), ("rules.yaml", &rules)]);
+    assert_eq!(
+        fired(&p, &[("clickid", "c"), ("offer_id", "2"), ("goal", "lead")]),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        fired(&p, &[("clickid", "c"), ("offer_id", "2"), ("goal", "sale")]),
+        vec!["sale-only"]
+    );
+}
+
+#[test]
+fn per_offer_overrides_and_disabled_entries() {
+    let p = plan(&[
+        ("offers.yaml", OFFERS),
+        (
+            "rules.yaml",
+            &pb(r#"  - id: shared
+    trigger: conversion
+    offers: [1, 2]
+    vars: { token: base }
+    per_offer:
+      "2": { vars: { token: two }, delay: 30s, when: { affiliate_id: 5 } }
+    http: { url: "https://t.example/a?t={{ vars.token }}&c={clickid}" }
+  - id: off
+    enabled: false
+    trigger: conversion
+    http: { url: "https://t.example/off" }
+"#),
+        ),
+    ]);
+    let m = p.matches(&event(&[
+        ("clickid", "c"),
+        ("offer_id", "2"),
+        ("affiliate_id", "5"),
+    ]));
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].delay, Duration::from_secs(30));
+    let e = event(&[("clickid", "c d"), ("offer_id", "2"), ("affiliate_id", "5")]);
+    let req = crate::render::render(&p, &p.entries[m[0].entry], &e).unwrap();
+    assert_eq!(req.url, "https://t.example/a?t=two&c=c%20d");
+    assert!(fired(
+        &p,
+        &[("clickid", "c"), ("offer_id", "2"), ("affiliate_id", "6")]
+    )
+    .is_empty());
+    let m = p.matches(&event(&[("clickid", "c"), ("offer_id", "1")]));
+    let req = crate::render::render(&p, &p.entries[m[0].entry], &e).unwrap();
+    assert!(
+        req.url.starts_with("https://t.example/a?t=base"),
+        "{}",
+        req.url
+    );
+}
+
+#[test]
+fn errors_are_collected_from_every_file_with_locations() {
+    let errs = errors(&[
+        ("offers.yaml", OFFERS),
+        ("a.yaml", &pb("  - id: x\n    trigger: conversion\n    http: { url: \"https://t.example/{clikid}\" }\n")),
+        ("b.yaml", &pb("  - id: x\n    trigger: conversion\n    http: { url: \"https://t.example/\" }\n")),
+        ("c.yaml", "postbacks: [}"),
+        (
+            "d.yaml",
+            &pb("  - id: y\n    trigger: click\n    statuses: [approved]\n    vars: { a: \"${env:POSTBACKD_UNSET_TEST_VAR}\" }\n    http: { url: \"https://t.example/{{ vars.b }}\" }\n"),
+        ),
+        (
+            "e.yaml",
+            &pb("  - id: z\n    trigger: conversion\n    http:\n      url: \"https://{clickid}.example\"\n      form: { a: b }\n"),
+        ),
+    ]);
+    let all = errs.join("\n");
+    for want in [
+        "a.yaml:4:18: unknown macro `clikid`",
+        "b.yaml:2:9: postback id is used twice",
+        "c.yaml:1:12: mismatched bracket",
+        "d.yaml:4:15: statuses only apply to conversions",
+        "d.yaml:5:16: environment variable `POSTBACKD_UNSET_TEST_VAR` is not set",
+        "d.yaml:6:18: unknown variable `vars.b`",
+        "e.yaml:5:12: url: the host must be written out",
+        "a GET request cannot carry a body",
+    ] {
+        assert!(all.contains(want), "missing `{want}` in:\n{all}");
+    }
+}
+
+#[test]
+fn unknown_keys_and_bad_values_in_settings() {
+    let errs = errors(&[(
+        "postbackd.yaml",
+        "listen: nowhere\ndelivery:\n  retry: [5s, soon]\n",
+    )]);
+    assert!(
+        errs[0].starts_with("postbackd.yaml:1:9: listen: `nowhere` is not an address"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[1].contains("postbackd.yaml:3:15: bad duration `soon`"),
+        "{errs:?}"
+    );
+    let errs = errors(&[("postbackd.yaml", "listn: 1.2.3.4:1\n")]);
+    assert!(errs[0].contains("unknown field `listn`"), "{errs:?}");
+}
+
+#[test]
+fn index_only_visits_candidate_entries() {
+    let mut rules = String::from("offers:\n");
+    for i in 0..200 {
+        rules.push_str(&format!("  - id: {i}\n"));
+    }
+    rules.push_str("postbacks:\n");
+    for i in 0..200 {
+        rules.push_str(&format!(
+            "  - id: p{i}\n    trigger: conversion\n    offers: [{i}]\n    http: {{ url: \"https://t.example/{i}\" }}\n"
+        ));
+    }
+    let p = plan(&[("rules.yaml", &rules)]);
+    assert_eq!(p.index.len(), 200);
+    assert_eq!(
+        fired(&p, &[("clickid", "c"), ("offer_id", "137")]),
+        vec!["p137"]
+    );
+}
+
+#[test]
+fn secrets_are_masked() {
+    std::env::set_var("POSTBACKD_TEST_TOKEN_MASK", "hunter22");
+    let p = plan(&[(
+        "r.yaml",
+        &pb("  - id: s\n    trigger: conversion\n    http: { url: \"https://t.example/?k=${env:POSTBACKD_TEST_TOKEN_MASK}&c={clickid}\" }\n"),
+    )]);
+    assert_eq!(
+        p.redact("https://t.example/?k=hunter22&c=1"),
+        "https://t.example/?k=***&c=1"
+    );
+}
