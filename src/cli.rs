@@ -82,11 +82,20 @@ fn check(dir: &std::path::Path) -> ExitCode {
 }
 
 fn run(opts: crate::Options) -> ExitCode {
-    // Logging follows the config's log settings; a bad config is reported by `run` itself.
-    let (json, level) = crate::config::load_dir(&opts.config_dir)
-        .map(|p| (p.settings.log_json, p.settings.log_level.clone()))
-        .unwrap_or((false, "info".into()));
-    init_logging(json, &level);
+    // The config is loaded once, first, because logging follows its settings.
+    let plan = match crate::config::load_dir(&opts.config_dir) {
+        Ok(p) => p,
+        Err(errs) => {
+            eprintln!("{errs}");
+            let n = errs.0.len();
+            eprintln!(
+                "error: invalid config in {}: {n} error(s)",
+                opts.config_dir.display()
+            );
+            return ExitCode::from(1);
+        }
+    };
+    init_logging(plan.settings.log_json, &plan.settings.log_level);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -97,7 +106,7 @@ fn run(opts: crate::Options) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(crate::run(opts, crate::shutdown_signal())) {
+    match rt.block_on(crate::run_plan(plan, opts, crate::shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -51,8 +51,17 @@ pub async fn run(
     opts: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let mut plan =
+    let plan =
         config::load_dir(&opts.config_dir).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+    run_plan(plan, opts, shutdown).await
+}
+
+/// [`run`] with a plan the caller already loaded (the CLI loads it first: logging follows it).
+pub async fn run_plan(
+    mut plan: plan::Plan,
+    opts: Options,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     if let Some(l) = opts.listen {
         plan.settings.listen = l;
     }

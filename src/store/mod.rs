@@ -63,6 +63,8 @@ impl State {
 pub enum StoreError {
     #[error("store unavailable: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("store cannot commit: {0}")]
+    Commit(String),
     #[error("store is shut down")]
     Closed,
     #[error("cannot open store at {path}: {reason}")]
@@ -378,11 +380,7 @@ impl Writer {
                 Some(e.to_string())
             }
         };
-        let fail = |msg: &Option<String>| {
-            StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(
-                msg.clone().unwrap_or_default().into(),
-            ))
-        };
+        let fail = |msg: &Option<String>| StoreError::Commit(msg.clone().unwrap_or_default());
         for r in replies {
             match r {
                 Reply::Ingest(tx, res) => {
@@ -424,8 +422,7 @@ impl Writer {
         let msg = e.to_string();
         self.set_health(Some(msg.clone()));
         tracing::error!(error = %msg, "store cannot begin a transaction");
-        let err =
-            || StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(msg.clone().into()));
+        let err = || StoreError::Commit(msg.clone());
         for c in batch {
             match c {
                 Cmd::Ingest { reply, .. } => drop(reply.send(Err(err()))),

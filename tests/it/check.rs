@@ -77,3 +77,25 @@ fn check_of_a_missing_directory_fails_clearly() {
     assert_eq!(code, 1);
     assert!(err.contains("cannot read config directory"), "{err}");
 }
+
+#[test]
+fn run_refuses_a_bad_config_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("r.yaml"),
+        "postbacks:\n  - id: x\n    trigger: sale\n",
+    )
+    .unwrap();
+    let (code, _, err) = run_cli(&[
+        "run",
+        dir.path().to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("r.yaml:3:14: postback `x`: unknown trigger `sale`"),
+        "{err}"
+    );
+    assert!(err.contains("postback has no action"), "{err}");
+}

@@ -180,3 +180,35 @@ async fn deliveries_for_one_conversion_keep_their_order() {
         .unwrap();
     assert!(b_pos < 2, "another conversion runs in parallel: {got:?}");
 }
+
+#[tokio::test]
+async fn sigterm_stops_cleanly() {
+    let cfg = tempfile::tempdir().unwrap();
+    rules(cfg.path(), "postbacks: []\n");
+    let mut d = Daemon::start(cfg.path());
+    let (code, _) = get_json(&d.url("/-/ready")).await;
+    assert_eq!(code, 200);
+    let pid = d.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = d.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(
+        d.wait_log("stopped", Duration::from_secs(2)).await,
+        "{}",
+        d.logs()
+    );
+}
