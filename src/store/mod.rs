@@ -461,18 +461,16 @@ fn ingest(c: &Connection, event: &Event, plan: &Plan) -> rusqlite::Result<Accept
     let merged = match &key {
         Some(k) => {
             let earlier: Option<String> = c
-                .query_row("SELECT event FROM conversions WHERE key = ?1", [k], |r| {
-                    r.get(0)
-                })
+                .prepare_cached("SELECT event FROM conversions WHERE key = ?1")?
+                .query_row([k], |r| r.get(0))
                 .optional()?;
             let merged = match earlier.and_then(|e| serde_json::from_str::<Event>(&e).ok()) {
                 Some(prev) => event.merged_onto(&prev),
                 None => event.clone(),
             };
-            c.execute(
-                "INSERT INTO conversions (key, status, event, updated_at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(key) DO UPDATE SET status = excluded.status, event = excluded.event, updated_at = excluded.updated_at",
-                params![k, merged.field("status"), to_json(&merged), event.received_at],
+            c.prepare_cached("INSERT INTO conversions (key, status, event, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(key) DO UPDATE SET status = excluded.status, event = excluded.event, updated_at = excluded.updated_at")?.execute(
+                                params![k, merged.field("status"), to_json(&merged), event.received_at],
             )?;
             merged
         }
@@ -480,10 +478,9 @@ fn ingest(c: &Connection, event: &Event, plan: &Plan) -> rusqlite::Result<Accept
     };
     let matches: Vec<Match> = plan.matches(&merged);
     let matched: Vec<String> = matches.iter().map(|m| m.postback_id.clone()).collect();
-    c.execute(
-        "INSERT INTO events (id, received_at, source, kind, conv_key, clickid, transaction_id, offer_id, affiliate_id, event, matched)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-        params![
+    c.prepare_cached("INSERT INTO events (id, received_at, source, kind, conv_key, clickid, transaction_id, offer_id, affiliate_id, event, matched)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)")?.execute(
+                params![
             event.id,
             event.received_at,
             event.source,
@@ -518,11 +515,10 @@ fn ingest(c: &Connection, event: &Event, plan: &Plan) -> rusqlite::Result<Accept
             _ => None,
         };
         let due = event.received_at + m.delay.as_millis() as i64;
-        let n = c.execute(
-            "INSERT OR IGNORE INTO deliveries (event_id, postback_id, offer, conv_key, order_key, dedupe_key, status, event, state, attempts, created_at, due_at, updated_at, delayed,
+        let n = c.prepare_cached("INSERT OR IGNORE INTO deliveries (event_id, postback_id, offer, conv_key, order_key, dedupe_key, status, event, state, attempts, created_at, due_at, updated_at, delayed,
                                                clickid, transaction_id, offer_id, affiliate_id, goal)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, 0, ?9, ?10, ?9, ?11, ?12, ?13, ?14, ?15, ?16)",
-            params![
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, 0, ?9, ?10, ?9, ?11, ?12, ?13, ?14, ?15, ?16)")?.execute(
+                        params![
                 event.id,
                 m.postback_id,
                 m.offer,
@@ -617,11 +613,10 @@ fn finish(
         Next::Cancelled => (State::Cancelled, None),
     };
     let bump = i64::from(attempt.is_some());
-    c.execute(
-        "UPDATE deliveries SET state = ?2, attempts = attempts + ?3, due_at = COALESCE(?4, due_at), updated_at = ?5,
+    c.prepare_cached("UPDATE deliveries SET state = ?2, attempts = attempts + ?3, due_at = COALESCE(?4, due_at), updated_at = ?5,
                 last_error = COALESCE(?6, last_error), last_status = COALESCE(?7, last_status)
-         WHERE id = ?1",
-        params![
+         WHERE id = ?1")?.execute(
+                params![
             id,
             state.code(),
             bump,
@@ -632,10 +627,9 @@ fn finish(
         ],
     )?;
     if let Some(a) = attempt {
-        c.execute(
-            "INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, method, url, request_body, response_status, response_body, error, outcome, config_version)
-             VALUES (?1, (SELECT attempts FROM deliveries WHERE id = ?1), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            params![id, a.started_at, a.duration_ms, a.method, a.url, a.request_body, a.response_status, a.response_body, a.error, a.outcome, a.config_version],
+        c.prepare_cached("INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, method, url, request_body, response_status, response_body, error, outcome, config_version)
+             VALUES (?1, (SELECT attempts FROM deliveries WHERE id = ?1), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)")?.execute(
+                        params![id, a.started_at, a.duration_ms, a.method, a.url, a.request_body, a.response_status, a.response_body, a.error, a.outcome, a.config_version],
         )?;
     }
     Ok(())
