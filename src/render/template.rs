@@ -8,7 +8,6 @@ use minijinja::value::{Kwargs, Value};
 use minijinja::{AutoEscape, Environment, Error, ErrorKind, State, UndefinedBehavior};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use sha2::Digest;
-use std::collections::BTreeMap;
 
 /// RFC 3986 unreserved characters stay; everything else is percent-encoded.
 const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
@@ -361,24 +360,19 @@ fn shorthand_expr(inner: &str) -> Option<String> {
     })
 }
 
-/// Builds a template context from a map of string fields, typing the numeric ones.
-pub fn context(map: BTreeMap<String, Value>) -> Value {
-    Value::from(map)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn ctx() -> Value {
-        let mut m = BTreeMap::new();
+        let mut m: std::collections::BTreeMap<String, Value> = Default::default();
         m.insert("clickid".into(), Value::from("a b&c"));
         m.insert("payout".into(), Value::from(12.5));
         m.insert("status".into(), Value::from("approved"));
         m.insert("email".into(), Value::from("  John@Example.com "));
         m.insert("timestamp".into(), Value::from(1_700_000_000));
         m.insert("none".into(), Value::from(()));
-        context(m)
+        Value::from(m)
     }
 
     fn render(src: &str, esc: Escape) -> Result<String, String> {

@@ -4,7 +4,7 @@
 //! One writer thread owns the write connection. Callers send it commands; it runs every
 //! command waiting at that moment in one transaction and commits once, so durability costs
 //! one fsync per batch rather than one per webhook. A webhook is acknowledged only after the
-//! commit that holds its event and deliveries. Reads for the APIs use their own connection.
+//! commit that holds its event and deliveries.
 
 mod schema;
 
@@ -46,16 +46,6 @@ impl State {
             3 => State::Dead,
             _ => State::Cancelled,
         }
-    }
-    pub fn parse(s: &str) -> Option<State> {
-        Some(match s {
-            "pending" => State::Pending,
-            "inflight" => State::Inflight,
-            "delivered" => State::Delivered,
-            "dead" => State::Dead,
-            "cancelled" => State::Cancelled,
-            _ => return None,
-        })
     }
 }
 
@@ -146,7 +136,6 @@ enum Cmd {
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Cmd>,
-    reader: Arc<Mutex<Connection>>,
     /// Woken whenever new deliveries were committed.
     pub wake: Arc<Notify>,
     healthy: Arc<AtomicBool>,
@@ -177,7 +166,6 @@ impl Store {
         schema::migrate(&conn).map_err(|e| open_err(e.to_string()))?;
         conn.execute("UPDATE deliveries SET state = 0 WHERE state = 1", [])
             .map_err(|e| open_err(e.to_string()))?;
-        let reader = open_conn(&path).map_err(|e| open_err(e.to_string()))?;
         let (tx, rx) = mpsc::channel();
         let wake = Arc::new(Notify::new());
         let healthy = Arc::new(AtomicBool::new(true));
@@ -194,7 +182,6 @@ impl Store {
             .map_err(|e| open_err(e.to_string()))?;
         Ok(Store {
             tx,
-            reader: Arc::new(Mutex::new(reader)),
             wake,
             healthy,
             last_error,
@@ -257,24 +244,6 @@ impl Store {
                 .map(|e| e.clone().unwrap_or_default())
                 .unwrap_or_default())
         }
-    }
-
-    /// Runs a read-only query on the reader connection.
-    pub fn read<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-    ) -> Result<T, StoreError> {
-        let conn = self.reader.lock().map_err(|_| StoreError::Closed)?;
-        Ok(f(&conn)?)
-    }
-
-    /// Counts of deliveries by state (for tests, `check` output and metrics).
-    pub fn counts(&self) -> Result<Vec<(State, i64)>, StoreError> {
-        self.read(|c| {
-            let mut st = c.prepare("SELECT state, COUNT(*) FROM deliveries GROUP BY state")?;
-            let rows = st.query_map([], |r| Ok((State::from_code(r.get(0)?), r.get(1)?)))?;
-            rows.collect()
-        })
     }
 }
 
