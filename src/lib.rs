@@ -9,8 +9,10 @@
 //! - [`store`]: the durable queue and delivery log in SQLite, group-committed;
 //! - [`deliver`]: claims due deliveries, sends them, judges answers, schedules retries.
 //!
-//! [`server`] wires the HTTP routes and [`cli`] the commands; [`run`] starts the daemon.
+//! [`server`] wires the HTTP routes, [`api`] the admin API and [`cli`] the commands; [`run`]
+//! starts the daemon.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod deliver;
@@ -68,6 +70,7 @@ pub async fn run_plan(
     if let Some(d) = &opts.data_dir {
         plan.settings.data_dir = d.clone();
     }
+    ignore_file_size_signal();
     let store = store::Store::open(&plan.settings.data_dir)?;
     let listener = tokio::net::TcpListener::bind(plan.settings.listen)
         .await
@@ -85,7 +88,8 @@ pub async fn run_plan(
     let plan = Arc::new(ArcSwap::from_pointee(plan));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let deliverer = deliver::Deliverer::new(store.clone(), plan.clone());
-    let delivering = tokio::spawn(deliverer.run(stop_rx, Duration::from_secs(10)));
+    let delivering = tokio::spawn(deliverer.run(stop_rx.clone(), Duration::from_secs(10)));
+    let pruning = tokio::spawn(deliver::prune_loop(store.clone(), plan.clone(), stop_rx));
     let app = server::router(server::AppState { plan, store });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -93,8 +97,22 @@ pub async fn run_plan(
     tracing::info!("shutting down: finishing in-flight deliveries");
     let _ = stop_tx.send(true);
     let _ = delivering.await;
+    let _ = pruning.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A write past the file size limit (`ulimit -f`, a quota) raises SIGXFSZ, which would kill
+/// the daemon; with a handler installed the write fails with an error instead, which the
+/// store reports and survives like a full disk.
+fn ignore_file_size_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut s) = signal(SignalKind::from_raw(libc::SIGXFSZ)) {
+            tokio::spawn(async move { while s.recv().await.is_some() {} });
+        }
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

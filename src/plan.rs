@@ -22,7 +22,14 @@ pub struct Settings {
     pub delivery: DeliverySettings,
     pub log_json: bool,
     pub log_level: String,
+    /// Finished deliveries, attempts and events older than this are pruned.
+    pub retention: Duration,
+    /// Bearer tokens accepted by `/api/v1` (none: the API answers 401).
+    pub admin_tokens: Vec<String>,
 }
+
+/// Default retention of the delivery log.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 86400);
 
 #[derive(Debug, Clone)]
 pub struct DeliverySettings {
@@ -32,6 +39,27 @@ pub struct DeliverySettings {
     pub retry: Vec<Duration>,
     pub max_age: Duration,
     pub user_agent: String,
+    /// Per-destination overrides, keyed by host (or `host:port`) as written in the URLs.
+    pub destinations: HashMap<String, DestinationSettings>,
+}
+
+/// Limits for one destination host.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DestinationSettings {
+    /// Attempts in flight at once; overrides `per_destination`.
+    pub concurrency: Option<usize>,
+    /// Attempts started per second, at most (a token bucket with a burst of one second).
+    pub rate: Option<f64>,
+}
+
+impl DeliverySettings {
+    /// How many attempts may be in flight to `destination` at once.
+    pub fn concurrency_for(&self, destination: &str) -> usize {
+        self.destinations
+            .get(destination)
+            .and_then(|d| d.concurrency)
+            .unwrap_or(self.per_destination)
+    }
 }
 
 impl Default for DeliverySettings {
@@ -47,6 +75,7 @@ impl Default for DeliverySettings {
                 .collect(),
             max_age: Duration::from_secs(72 * 3600),
             user_agent: format!("postbackd/{}", env!("CARGO_PKG_VERSION")),
+            destinations: HashMap::new(),
         }
     }
 }
@@ -111,6 +140,9 @@ impl Method {
 #[derive(Debug)]
 pub struct HttpAction {
     pub method: Method,
+    /// The host (or `host:port`) the URL is sent to, as written in the rule: the key for
+    /// per-destination limits.
+    pub destination: String,
     pub url: TemplateId,
     pub params: Vec<(String, TemplateId)>,
     pub headers: Vec<(String, TemplateId)>,
@@ -282,6 +314,18 @@ impl Plan {
         self.entry_by_key
             .get(&(postback_id.to_string(), offer.to_string()))
             .map(|i| &self.entries[*i])
+    }
+
+    /// Every destination host the postbacks send to, once each.
+    pub fn destinations(&self) -> Vec<String> {
+        let mut d: Vec<String> = self
+            .postbacks
+            .iter()
+            .map(|p| p.http.destination.clone())
+            .collect();
+        d.sort();
+        d.dedup();
+        d
     }
 
     pub fn postback(&self, id: &str) -> Option<&Postback> {

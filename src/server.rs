@@ -29,6 +29,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events", post(ingest::events))
         .route("/-/healthy", get(|| async { "ok\n" }))
         .route("/-/ready", get(ready))
+        .merge(crate::api::routes())
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,

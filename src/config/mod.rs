@@ -136,6 +136,7 @@ pub fn load_dir(dir: &Path) -> Result<Plan, ConfigErrors> {
             c.postback(path, p, &settings.delivery);
         }
     }
+    c.check_destination_keys(&settings_file);
     if !c.errors.is_empty() {
         c.errors
             .sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
@@ -215,6 +216,35 @@ fn list_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// Parses `250ms`, `5s`, `1m`, `2h`, `1d` and sums like `1h30m`.
+/// Parses a rate such as `10/s`, `600/m` or `3600/h` into events per second.
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    let bad = || format!("bad rate `{s}`");
+    let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
+    let n: f64 = n.trim().parse().map_err(|_| bad())?;
+    let per = match unit.trim() {
+        "s" | "sec" | "second" => 1.0,
+        "m" | "min" | "minute" => 60.0,
+        "h" | "hour" => 3600.0,
+        _ => return Err(format!("bad rate `{s}`: the unit must be s, m or h")),
+    };
+    if !(n > 0.0 && n.is_finite()) {
+        return Err(format!("bad rate `{s}`: it must be above zero"));
+    }
+    Ok(n / per)
+}
+
+/// The host (with its port when one is written) a URL is sent to, from the URL's static
+/// prefix: `https://user:pw@Tracker.example:8443/pb?x={y}` gives `tracker.example:8443`.
+pub fn destination_of(url: &str) -> String {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .unwrap_or(url);
+    let authority = rest.split(['/', '?', '#', '{']).next().unwrap_or_default();
+    let host = authority.rsplit('@').next().unwrap_or_default();
+    host.to_ascii_lowercase()
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if s.is_empty() {
@@ -270,6 +300,9 @@ struct Compiler {
     postback_origin: HashMap<String, (PathBuf, u64)>,
     entries: Vec<Entry>,
     secrets: Vec<String>,
+    /// `delivery.destinations` keys with where they were written, checked once every
+    /// postback's destination is known.
+    destination_keys: Vec<(String, u64, u64)>,
 }
 
 /// Where a postback's errors point and what they are about.
@@ -307,6 +340,36 @@ impl Compiler {
     ) {
         let (l, c) = (at.referenced.line(), at.referenced.column());
         self.err_at(cx.file, l, c, cx.postback, message.into(), hint);
+    }
+
+    /// A limit for a host no postback sends to is a typo or a leftover: say so.
+    fn check_destination_keys(&mut self, file: &Path) {
+        let known: Vec<String> = self
+            .postbacks
+            .iter()
+            .map(|p| p.http.destination.clone())
+            .collect();
+        for (host, line, column) in std::mem::take(&mut self.destination_keys) {
+            if known.contains(&host) {
+                continue;
+            }
+            let hint = suggest(&host, known.iter().map(String::as_str))
+                .map(|s| format!("did you mean `{s}`?"))
+                .or_else(|| {
+                    Some(
+                        "write the host (and port, if the URL has one) as the postbacks' URLs do"
+                            .into(),
+                    )
+                });
+            self.err_at(
+                file,
+                line,
+                column,
+                None,
+                format!("delivery.destinations: no postback sends to `{host}`"),
+                hint,
+            );
+        }
     }
 
     fn yaml_error(&mut self, file: &Path, e: serde_saphyr::Error) {
@@ -426,6 +489,73 @@ impl Compiler {
             if let Some(ua) = &d.user_agent {
                 delivery.user_agent = ua.clone();
             }
+            for (host, raw) in &d.destinations {
+                let mut dest = DestinationSettings::default();
+                if let Some(n) = &raw.concurrency {
+                    if n.value == 0 {
+                        self.err(
+                            &cx,
+                            n,
+                            format!("delivery.destinations.{host}.concurrency must be at least 1"),
+                            None,
+                        );
+                    }
+                    dest.concurrency = Some(n.value.max(1) as usize);
+                }
+                if let Some(r) = &raw.rate {
+                    match parse_rate(&r.value) {
+                        Ok(v) => dest.rate = Some(v),
+                        Err(m) => self.err(
+                            &cx,
+                            r,
+                            m,
+                            Some("write a rate like 10/s, 600/m or 3600/h".into()),
+                        ),
+                    }
+                }
+                let at = raw
+                    .concurrency
+                    .as_ref()
+                    .map(|n| (n.referenced.line(), n.referenced.column()))
+                    .or(raw
+                        .rate
+                        .as_ref()
+                        .map(|r| (r.referenced.line(), r.referenced.column())));
+                if let Some((l, c)) = at {
+                    self.destination_keys
+                        .push((host.to_ascii_lowercase(), l, c));
+                }
+                delivery
+                    .destinations
+                    .insert(host.to_ascii_lowercase(), dest);
+            }
+        }
+        let retention = match &raw.retention {
+            Some(r) => self.duration(&cx, r).unwrap_or(DEFAULT_RETENTION),
+            None => DEFAULT_RETENTION,
+        };
+        let mut admin_tokens = Vec::new();
+        for t in raw.api.iter().flat_map(|a| &a.admin_tokens) {
+            if !t.value.trim_start().starts_with("${") {
+                self.err(
+                    &cx,
+                    t,
+                    "api.admin_tokens: a token must not be written in the config",
+                    Some("read it from the environment or a file: ${env:POSTBACKD_ADMIN_TOKEN} or ${file:/run/secrets/postbackd}".into()),
+                );
+                continue;
+            }
+            let token = self.expand(&cx, t);
+            if token.len() < 16 && !token.is_empty() {
+                self.err(
+                    &cx,
+                    t,
+                    "api.admin_tokens: a token needs at least 16 characters",
+                    Some("generate one with: openssl rand -hex 24".into()),
+                );
+            } else if !token.is_empty() {
+                admin_tokens.push(token);
+            }
         }
         let mut log_json = false;
         let mut log_level = "info".to_string();
@@ -452,6 +582,8 @@ impl Compiler {
             delivery,
             log_json,
             log_level,
+            retention,
+            admin_tokens,
         }
     }
 
@@ -1135,6 +1267,7 @@ impl Compiler {
         };
         Some(HttpAction {
             method,
+            destination: destination_of(&url_text),
             url: url?,
             params,
             headers,

@@ -80,6 +80,25 @@ pub struct RawSettings {
     pub data_dir: Option<Spanned<String>>,
     pub delivery: Option<RawDeliverySettings>,
     pub log: Option<RawLog>,
+    /// How long finished deliveries, their attempts and received events are kept.
+    pub retention: Option<Spanned<String>>,
+    pub api: Option<RawApi>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    /// Tokens that may use `/api/v1`; each must come from `${env:…}` or `${file:…}`.
+    #[serde(default)]
+    pub admin_tokens: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawDestination {
+    pub concurrency: Option<Spanned<u32>>,
+    /// `10/s`, `600/m` or `3600/h`.
+    pub rate: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -91,6 +110,8 @@ pub struct RawDeliverySettings {
     pub retry: Option<Vec<Spanned<String>>>,
     pub max_age: Option<Spanned<String>>,
     pub user_agent: Option<String>,
+    #[serde(default)]
+    pub destinations: BTreeMap<String, RawDestination>,
 }
 
 #[derive(Debug, Deserialize, Default)]

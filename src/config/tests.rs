@@ -270,3 +270,63 @@ fn secrets_are_masked() {
         "https://t.example/?k=***&c=1"
     );
 }
+
+#[test]
+fn destinations_rates_retention_and_tokens() {
+    std::env::set_var("PBD_TEST_ADMIN_TOKEN", "0123456789abcdef0123");
+    let p = plan(&[
+        (
+            "postbackd.yaml",
+            "retention: 7d\ndelivery:\n  per_destination: 3\n  destinations:\n    Tracker.Example: { concurrency: 1, rate: 120/m }\napi:\n  admin_tokens: [\"${env:PBD_TEST_ADMIN_TOKEN}\"]\n",
+        ),
+        (
+            "r.yaml",
+            &pb("  - id: a\n    trigger: conversion\n    http: { url: \"https://user:pw@tracker.example/pb?c={clickid}\" }\n  - id: b\n    trigger: conversion\n    http: { url: \"http://127.0.0.1:9000\" }\n"),
+        ),
+    ]);
+    assert_eq!(p.settings.retention, Duration::from_secs(7 * 86400));
+    assert_eq!(p.destinations(), ["127.0.0.1:9000", "tracker.example"]);
+    let d = &p.settings.delivery;
+    assert_eq!(d.concurrency_for("tracker.example"), 1);
+    assert_eq!(d.concurrency_for("127.0.0.1:9000"), 3);
+    assert_eq!(d.destinations["tracker.example"].rate, Some(2.0));
+    assert_eq!(p.settings.admin_tokens, ["0123456789abcdef0123"]);
+    // The token is a secret: masked wherever the plan redacts.
+    assert_eq!(p.redact("x 0123456789abcdef0123 y"), "x *** y");
+
+    let errs = errors(&[(
+        "postbackd.yaml",
+        "delivery:\n  destinations:\n    a.example: { rate: fast }\napi:\n  admin_tokens: [\"hunter2hunter2hunter2\"]\n",
+    )]);
+    assert_eq!(errs.len(), 3, "{errs:?}");
+    assert!(
+        errs[0].starts_with("postbackd.yaml:3:24: bad rate `fast`"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[1].contains("no postback sends to `a.example`"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[2].starts_with("postbackd.yaml:5:18: api.admin_tokens: a token must not be written"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn a_limit_for_a_host_nobody_sends_to_is_an_error() {
+    let errs = errors(&[
+        (
+            "postbackd.yaml",
+            "delivery:\n  destinations:\n    trackr.example: { rate: 5/s }\n",
+        ),
+        (
+            "r.yaml",
+            &pb("  - id: a\n    trigger: conversion\n    http: { url: \"https://tracker.example/pb\" }\n"),
+        ),
+    ]);
+    assert_eq!(
+        errs,
+        ["postbackd.yaml:3:29: delivery.destinations: no postback sends to `trackr.example`"]
+    );
+}

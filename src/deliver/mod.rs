@@ -4,18 +4,26 @@
 //! The dispatcher never blocks ingest: it only talks to the store's queue. Concurrency is
 //! capped globally and per destination host, so one slow tracker cannot hold back others.
 
+mod gate;
 mod outcome;
+mod prune;
 pub mod schedule;
+
+pub use prune::prune_loop;
 
 use crate::plan::Plan;
 use crate::render::{self, Request};
-use crate::store::{Attempt, Claimed, Next, Store};
+use crate::store::{Attempt, ClaimSpec, Claimed, Lane, Next, Store};
 use arc_swap::ArcSwap;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use gate::Gate;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
+
+fn lock(g: &Mutex<Gate>) -> MutexGuard<'_, Gate> {
+    g.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Everything an attempt needs.
 #[derive(Clone)]
@@ -23,7 +31,6 @@ pub struct Deliverer {
     pub store: Store,
     pub plan: Arc<ArcSwap<Plan>>,
     pub client: reqwest::Client,
-    hosts: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
 }
 
 /// Builds the outgoing HTTP client (rustls, no redirects followed: a postback's answer is
@@ -45,74 +52,103 @@ impl Deliverer {
             store,
             plan,
             client: client(&ua),
-            hosts: Arc::default(),
         }
-    }
-
-    fn host_permit(&self, host: &str, limit: usize) -> Arc<Semaphore> {
-        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        hosts
-            .entry(host.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(limit)))
-            .clone()
     }
 
     /// The dispatch loop; returns after `shutdown` flips, once in-flight attempts finish or
     /// `grace` runs out (unfinished ones are retried at the next start).
     pub async fn run(self, mut shutdown: watch::Receiver<bool>, grace: Duration) {
-        let concurrency = self.plan.load().settings.delivery.concurrency;
-        let slots = Arc::new(Semaphore::new(concurrency));
+        let gate = Arc::new(Mutex::new(Gate::default()));
+        let ended = Arc::new(Notify::new());
         let mut tasks = JoinSet::new();
+        let mut claim_failing = false;
         loop {
             if *shutdown.borrow() {
                 break;
             }
             while tasks.try_join_next().is_some() {}
-            let free = slots.available_permits();
-            let claimed = if free > 0 {
-                match self.store.claim(crate::now_ms(), free.min(256)).await {
+            let plan = self.plan.load_full();
+            let destinations = plan.destinations();
+            let mut more = false;
+            let mut claimed_any = false;
+            let mut failed = false;
+            // Each lane first claims within its reserved share, then anything left over is
+            // offered to whichever lane has work due.
+            for lane in [Lane::Fresh, Lane::Retry, Lane::Any] {
+                if lane == Lane::Any && !more {
+                    break;
+                }
+                let (limit, caps) =
+                    lock(&gate).quota(&plan.settings.delivery, &destinations, lane, Instant::now());
+                if limit == 0 {
+                    more = true;
+                    continue;
+                }
+                let spec = ClaimSpec {
+                    now: crate::now_ms(),
+                    lane,
+                    limit: limit.min(256),
+                    caps,
+                    plan: plan.clone(),
+                };
+                let claim = match self.store.claim(spec).await {
                     Ok(c) => c,
                     Err(e) => {
-                        tracing::error!(error = %e, "cannot claim deliveries");
-                        Vec::new()
+                        if !claim_failing {
+                            tracing::error!(error = %e, "cannot claim deliveries; will keep trying");
+                        }
+                        failed = true;
+                        break;
+                    }
+                };
+                more |= claim.more;
+                for d in claim.claimed {
+                    claimed_any = true;
+                    let (lane, dest) = (d.lane(), d.destination.clone());
+                    lock(&gate).take(lane, &dest);
+                    let me = self.clone();
+                    let gate = gate.clone();
+                    let ended = ended.clone();
+                    tasks.spawn(async move {
+                        me.attempt(d).await;
+                        lock(&gate).release(lane, &dest);
+                        ended.notify_one();
+                    });
+                }
+            }
+            claim_failing = failed;
+            if claimed_any && !failed {
+                continue;
+            }
+            // Nothing more could start: sleep until new work is committed, an attempt ends
+            // (freeing a slot or unblocking the next delivery of its conversion), the next
+            // delivery falls due, a rate-limited destination earns a token, or shutdown.
+            let mut wait = Duration::from_secs(1);
+            if !failed {
+                if let Ok(Some(due)) = self.store.next_due().await {
+                    let until = due - crate::now_ms();
+                    if until > 0 {
+                        wait = wait.min(Duration::from_millis(until as u64));
                     }
                 }
-            } else {
-                Vec::new()
-            };
-            let got = claimed.len();
-            for d in claimed {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    break;
-                };
-                let me = self.clone();
-                tasks.spawn(async move {
-                    me.attempt(d).await;
-                    drop(permit);
-                });
-            }
-            if got > 0 && got == free.min(256) {
-                continue;
-            }
-            let wait = match self.store.next_due().await {
-                Ok(Some(due)) => {
-                    Duration::from_millis((due - crate::now_ms()).clamp(0, 1000) as u64)
+                if let Some(t) = lock(&gate).next_token(&plan.settings.delivery) {
+                    wait = wait.min(t.max(Duration::from_millis(1)));
                 }
-                _ => Duration::from_secs(1),
-            };
-            if got > 0 && wait.is_zero() {
-                // Everything due is claimed but slots are busy: wait for one to free up.
-                tokio::select! {
-                    _ = tasks.join_next(), if !tasks.is_empty() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-                }
-                continue;
             }
             tokio::select! {
                 _ = self.store.wake.notified() => {}
-                _ = tokio::time::sleep(wait.max(Duration::from_millis(1))) => {}
+                _ = ended.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {}
             }
+        }
+        let inflight = lock(&gate).inflight();
+        if inflight > 0 {
+            tracing::info!(
+                inflight,
+                grace_ms = grace.as_millis() as u64,
+                "waiting for attempts in flight"
+            );
         }
         let _ =
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
@@ -124,9 +160,23 @@ impl Deliverer {
         let finish = |attempt: Option<Attempt>, next: Next, reason: Option<String>| {
             let store = self.store.clone();
             async move {
-                if let Err(e) = store.finish(d.id, attempt, next, reason).await {
-                    // The delivery stays in flight in the store and is retried at next start.
-                    tracing::error!(delivery = d.id, error = %e, "cannot record delivery outcome");
+                // The outcome must reach the store, or the delivery would stay in flight
+                // until the next start. While the store cannot write, keep trying (holding
+                // this slot, which slows dispatch down as it should).
+                let mut pause = Duration::from_millis(100);
+                loop {
+                    match store
+                        .finish(d.id, attempt.clone(), next.clone(), reason.clone())
+                        .await
+                    {
+                        Ok(()) => return,
+                        Err(crate::store::StoreError::Closed) => return,
+                        Err(e) => {
+                            tracing::warn!(delivery = d.id, error = %e, "cannot record delivery outcome yet; retrying");
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_secs(5));
+                        }
+                    }
                 }
             }
         };
@@ -187,15 +237,6 @@ impl Deliverer {
                 return finish(Some(a), next, None).await;
             }
         };
-        let host = reqwest::Url::parse(&req.url)
-            .ok()
-            .and_then(|u| {
-                u.host_str()
-                    .map(|h| format!("{h}:{}", u.port_or_known_default().unwrap_or(0)))
-            })
-            .unwrap_or_default();
-        let host_slots = self.host_permit(&host, plan.settings.delivery.per_destination);
-        let _host_permit = host_slots.acquire_owned().await;
         let timeout = pb.http.timeout.unwrap_or(plan.settings.delivery.timeout);
         let t0 = Instant::now();
         let result = self.send(&req, timeout).await;

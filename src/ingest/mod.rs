@@ -175,7 +175,9 @@ async fn accept(state: AppState, plan: Arc<Plan>, event: Event) -> Result<Value,
     match state.store.ingest(event, plan).await {
         Ok(a) => {
             tracing::debug!(event = %a.event_id, %kind, %source, matched = a.matched.len(), queued = a.queued, "event accepted");
-            Ok(json!({ "event_id": a.event_id, "matched": a.matched, "queued": a.queued }))
+            Ok(
+                json!({ "event_id": a.event_id, "matched": a.matched, "queued": a.queued, "deliveries": a.deliveries }),
+            )
         }
         Err(e) => {
             tracing::error!(error = %e, "event not stored; answering 503");

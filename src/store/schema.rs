@@ -75,11 +75,25 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts(delivery_id, attempt);
 ";
 
+/// Pruning by age, and the row the writer rewrites to prove the disk takes writes again.
+const V2: &str = "
+CREATE INDEX IF NOT EXISTS deliveries_finished ON deliveries(state, updated_at);
+CREATE INDEX IF NOT EXISTS conversions_updated ON conversions(updated_at);
+CREATE TABLE IF NOT EXISTS heartbeat (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    at INTEGER NOT NULL
+);
+";
+
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version < 1 {
         conn.execute_batch(V1)?;
         conn.pragma_update(None, "user_version", 1)?;
+    }
+    if version < 2 {
+        conn.execute_batch(V2)?;
+        conn.pragma_update(None, "user_version", 2)?;
     }
     Ok(())
 }

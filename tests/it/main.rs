@@ -1,6 +1,8 @@
 //! End-to-end tests: the real binary, real sockets, real files.
 
 mod check;
+mod delivery;
+mod disk;
 mod durability;
 mod e2e;
 mod support;

@@ -24,6 +24,8 @@ pub struct Received {
     pub query: String,
     pub headers: Vec<(String, String)>,
     pub body: String,
+    /// When it arrived.
+    pub at: Instant,
 }
 
 impl Received {
@@ -68,6 +70,7 @@ impl Sink {
                             .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
                             .collect(),
                         body: String::from_utf8_lossy(&body).into_owned(),
+                        at: Instant::now(),
                     };
                     let f = r.lock().unwrap().clone();
                     let (status, body) = f(&rec);
@@ -252,4 +255,47 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A destination that accepts connections and never answers: the worst kind of dead
+/// tracker. Counts the connections it holds.
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    pub connections: Arc<Mutex<usize>>,
+}
+
+impl BlackHole {
+    pub async fn start() -> BlackHole {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections: Arc<Mutex<usize>> = Arc::default();
+        let c = connections.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((sock, _)) = listener.accept().await {
+                *c.lock().unwrap() += 1;
+                held.push(sock);
+            }
+        });
+        BlackHole { addr, connections }
+    }
+
+    pub fn connections(&self) -> usize {
+        *self.connections.lock().unwrap()
+    }
+}
+
+/// Writes `rules.yaml` (and `postbackd.yaml` when `settings` is not empty) into `dir`.
+pub fn write_config(dir: &Path, settings: &str, rules: &str) {
+    if !settings.is_empty() {
+        std::fs::write(dir.join("postbackd.yaml"), settings).unwrap();
+    }
+    std::fs::write(dir.join("rules.yaml"), rules).unwrap();
+}
+
+/// Sends one request with a JSON answer: (status, body).
+pub async fn send_json(rb: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }

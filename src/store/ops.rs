@@ -1,0 +1,357 @@
+//! The store's statements: what each command does inside the writer's transaction.
+
+use super::{Accepted, Attempt, Claimed, Next, State};
+use crate::ingest::event::{Event, Kind};
+use crate::plan::{Match, Plan};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+pub(super) fn ingest(c: &Connection, event: &Event, plan: &Plan) -> rusqlite::Result<Accepted> {
+    let key = event.conversion_key();
+    let merged = match &key {
+        Some(k) => {
+            let earlier: Option<String> = c
+                .prepare_cached("SELECT event FROM conversions WHERE key = ?1")?
+                .query_row([k], |r| r.get(0))
+                .optional()?;
+            let merged = match earlier.and_then(|e| serde_json::from_str::<Event>(&e).ok()) {
+                Some(prev) => event.merged_onto(&prev),
+                None => event.clone(),
+            };
+            c.prepare_cached("INSERT INTO conversions (key, status, event, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(key) DO UPDATE SET status = excluded.status, event = excluded.event, updated_at = excluded.updated_at")?.execute(
+                                params![k, merged.field("status"), to_json(&merged), event.received_at],
+            )?;
+            merged
+        }
+        None => event.clone(),
+    };
+    let matches: Vec<Match> = plan.matches(&merged);
+    let matched: Vec<String> = matches.iter().map(|m| m.postback_id.clone()).collect();
+    c.prepare_cached("INSERT INTO events (id, received_at, source, kind, conv_key, clickid, transaction_id, offer_id, affiliate_id, event, matched)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)")?.execute(
+                params![
+            event.id,
+            event.received_at,
+            event.source,
+            event.kind.as_str(),
+            key,
+            merged.field("clickid"),
+            merged.field("transaction_id"),
+            merged.field("offer_id"),
+            merged.field("affiliate_id"),
+            to_json(event),
+            to_json(&matched),
+        ],
+    )?;
+    let mut queued = 0;
+    let mut deliveries = Vec::new();
+    let merged_json = to_json(&merged);
+    for m in &matches {
+        let order_key = format!(
+            "{}|{}|{}",
+            key.as_deref().unwrap_or(&event.id),
+            m.postback_id,
+            m.offer
+        );
+        // Conversions: one delivery per (conversion, postback, offer, status), whatever the
+        // sender repeats. Clicks and impressions fire every time.
+        let dedupe = match (&key, event.kind) {
+            (Some(k), Kind::Conversion) => Some(format!(
+                "{k}|{}|{}|{}",
+                m.postback_id,
+                m.offer,
+                merged.field("status").unwrap_or_default()
+            )),
+            _ => None,
+        };
+        let due = event.received_at + m.delay.as_millis() as i64;
+        let n = c.prepare_cached("INSERT OR IGNORE INTO deliveries (event_id, postback_id, offer, conv_key, order_key, dedupe_key, status, event, state, attempts, created_at, due_at, updated_at, delayed,
+                                               clickid, transaction_id, offer_id, affiliate_id, goal)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, 0, ?9, ?10, ?9, ?11, ?12, ?13, ?14, ?15, ?16)")?.execute(
+                        params![
+                event.id,
+                m.postback_id,
+                m.offer,
+                key,
+                order_key,
+                dedupe,
+                merged.field("status"),
+                merged_json,
+                event.received_at,
+                due,
+                !m.delay.is_zero(),
+                merged.field("clickid"),
+                merged.field("transaction_id"),
+                merged.field("offer_id"),
+                merged.field("affiliate_id"),
+                merged.field("goal"),
+            ],
+        )?;
+        if n == 1 {
+            deliveries.push(c.last_insert_rowid());
+        }
+        queued += n;
+    }
+    Ok(Accepted {
+        event_id: event.id.clone(),
+        matched,
+        queued,
+        deliveries,
+    })
+}
+
+/// Which deliveries a claim looks at: first attempts, retries, or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Fresh,
+    Retry,
+    Any,
+}
+
+/// One claim: up to `limit` due deliveries of `lane`, and at most `caps[d]` for each
+/// destination `d` (a destination missing from `caps` has no cap of its own).
+pub struct ClaimSpec {
+    pub now: i64,
+    pub lane: Lane,
+    pub limit: usize,
+    pub caps: HashMap<String, usize>,
+    pub plan: Arc<Plan>,
+}
+
+/// What a claim found: the deliveries now in flight, and whether more were due than it
+/// could take (a limit or a cap was reached).
+pub struct Claim {
+    pub claimed: Vec<Claimed>,
+    pub more: bool,
+}
+
+pub(super) fn claim(c: &Connection, spec: &ClaimSpec) -> rusqlite::Result<Claim> {
+    let sql = match spec.lane {
+        Lane::Fresh => CLAIM_FRESH,
+        Lane::Retry => CLAIM_RETRY,
+        Lane::Any => CLAIM_ANY,
+    };
+    let destination = |postback_id: &str| {
+        spec.plan
+            .postback(postback_id)
+            .map(|p| p.http.destination.clone())
+            .unwrap_or_default()
+    };
+    // Postbacks whose destination is full are left out in SQL, so a large backlog for a
+    // dead destination does not eat the scan.
+    let blocked: Vec<&str> = spec
+        .plan
+        .postbacks
+        .iter()
+        .filter(|p| spec.caps.get(&p.http.destination) == Some(&0))
+        .map(|p| p.id.as_str())
+        .collect();
+    let mut caps = spec.caps.clone();
+    let scan = (spec.limit * 4 + 64) as i64;
+    let mut st = c.prepare_cached(sql)?;
+    let rows = st.query_map(params![spec.now, to_json(&blocked), scan], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, u32>(4)?,
+            r.get::<_, i64>(5)?,
+            r.get::<_, bool>(6)?,
+            r.get::<_, Option<String>>(7)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    let mut more = false;
+    let mut upd =
+        c.prepare_cached("UPDATE deliveries SET state = 1, updated_at = ?2 WHERE id = ?1")?;
+    for row in rows {
+        if out.len() >= spec.limit {
+            more = true;
+            break;
+        }
+        let (id, postback_id, offer, event, attempts, created_at, delayed, latest) = row?;
+        let dest = destination(&postback_id);
+        if let Some(cap) = caps.get_mut(&dest) {
+            if *cap == 0 {
+                more = true;
+                continue;
+            }
+            *cap -= 1;
+        }
+        let Ok(event) = serde_json::from_str::<Event>(&event) else {
+            // A row we cannot read is dead rather than retried forever.
+            c.execute("UPDATE deliveries SET state = 3, last_error = 'stored event is unreadable' WHERE id = ?1", [id])?;
+            continue;
+        };
+        upd.execute(params![id, spec.now])?;
+        out.push(Claimed {
+            id,
+            postback_id,
+            offer,
+            event,
+            latest: latest.and_then(|l| serde_json::from_str(&l).ok()),
+            attempts,
+            created_at,
+            delayed,
+            destination: dest,
+        });
+    }
+    Ok(Claim { claimed: out, more })
+}
+
+macro_rules! claim_sql {
+    ($lane:literal) => {
+        concat!(
+            "SELECT d.id, d.postback_id, d.offer, d.event, d.attempts, d.created_at, d.delayed,
+                    (SELECT event FROM conversions WHERE key = d.conv_key)
+             FROM deliveries d
+             WHERE d.state = 0 AND d.due_at <= ?1 ",
+            $lane,
+            " AND d.postback_id NOT IN (SELECT value FROM json_each(?2))
+               AND NOT EXISTS (SELECT 1 FROM deliveries p
+                               WHERE p.order_key = d.order_key AND p.id < d.id AND p.state IN (0, 1))
+             ORDER BY d.due_at, d.id
+             LIMIT ?3"
+        )
+    };
+}
+const CLAIM_FRESH: &str = claim_sql!("AND d.attempts = 0");
+const CLAIM_RETRY: &str = claim_sql!("AND d.attempts > 0");
+const CLAIM_ANY: &str = claim_sql!("");
+
+pub(super) fn finish(
+    c: &Connection,
+    id: i64,
+    attempt: Option<&Attempt>,
+    next: &Next,
+    reason: Option<&str>,
+) -> rusqlite::Result<()> {
+    let now = attempt
+        .map(|a| a.started_at + a.duration_ms)
+        .unwrap_or_else(crate::now_ms);
+    let (state, due) = match next {
+        Next::Delivered => (State::Delivered, None),
+        Next::Retry { due_at } => (State::Pending, Some(*due_at)),
+        Next::Dead => (State::Dead, None),
+        Next::Cancelled => (State::Cancelled, None),
+    };
+    let bump = i64::from(attempt.is_some());
+    c.prepare_cached("UPDATE deliveries SET state = ?2, attempts = attempts + ?3, due_at = COALESCE(?4, due_at), updated_at = ?5,
+                last_error = COALESCE(?6, last_error), last_status = COALESCE(?7, last_status)
+         WHERE id = ?1")?.execute(
+                params![
+            id,
+            state.code(),
+            bump,
+            due,
+            now,
+            reason.or(attempt.and_then(|a| a.error.as_deref())),
+            attempt.and_then(|a| a.response_status),
+        ],
+    )?;
+    if let Some(a) = attempt {
+        c.prepare_cached("INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, method, url, request_body, response_status, response_body, error, outcome, config_version)
+             VALUES (?1, (SELECT attempts FROM deliveries WHERE id = ?1), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)")?.execute(
+                        params![id, a.started_at, a.duration_ms, a.method, a.url, a.request_body, a.response_status, a.response_body, a.error, a.outcome, a.config_version],
+        )?;
+    }
+    Ok(())
+}
+
+/// Deletes up to `limit` finished deliveries (with their attempts), events and conversions
+/// last touched before `before`. Returns how many rows went; the caller repeats while that
+/// is `limit`, so a large prune never holds the writer for long.
+pub(super) fn prune(c: &Connection, before: i64, limit: usize) -> rusqlite::Result<usize> {
+    let ids: Vec<i64> = c
+        .prepare_cached(
+            "SELECT id FROM deliveries WHERE state IN (2, 3, 4) AND updated_at < ?1 LIMIT ?2",
+        )?
+        .query_map(params![before, limit as i64], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut del_attempts = c.prepare_cached("DELETE FROM attempts WHERE delivery_id = ?1")?;
+    let mut del_delivery = c.prepare_cached("DELETE FROM deliveries WHERE id = ?1")?;
+    for id in &ids {
+        del_attempts.execute([id])?;
+        del_delivery.execute([id])?;
+    }
+    let events = c
+        .prepare_cached(
+            "DELETE FROM events WHERE rowid IN
+               (SELECT rowid FROM events WHERE received_at < ?1 LIMIT ?2)",
+        )?
+        .execute(params![before, limit as i64])?;
+    let conversions = c
+        .prepare_cached(
+            "DELETE FROM conversions WHERE key IN
+               (SELECT key FROM conversions WHERE updated_at < ?1 LIMIT ?2)",
+        )?
+        .execute(params![before, limit as i64])?;
+    Ok(ids.len().max(events).max(conversions))
+}
+
+/// Which finished deliveries a hand retry puts back in the queue.
+#[derive(Debug, Clone, Default)]
+pub struct RetryFilter {
+    pub id: Option<i64>,
+    pub postback: Option<String>,
+    /// `dead` (the default), `cancelled` or `delivered`.
+    pub state: Option<String>,
+    /// Unix ms: deliveries created at or after.
+    pub since: Option<i64>,
+    /// Unix ms: deliveries created before.
+    pub until: Option<i64>,
+}
+
+/// Puts matching finished deliveries back in the queue, due now. Returns their ids.
+pub(super) fn retry(c: &Connection, f: &RetryFilter, now: i64) -> rusqlite::Result<Vec<i64>> {
+    let state = match f.state.as_deref() {
+        None | Some("dead") => State::Dead,
+        Some("cancelled") => State::Cancelled,
+        Some("delivered") => State::Delivered,
+        Some(_) => return Ok(Vec::new()),
+    };
+    let ids: Vec<i64> = c
+        .prepare_cached(
+            "SELECT id FROM deliveries
+             WHERE state IN (2, 3, 4)
+               AND (?1 IS NULL OR id = ?1)
+               AND (?1 IS NOT NULL OR state = ?2)
+               AND (?3 IS NULL OR postback_id = ?3)
+               AND (?4 IS NULL OR created_at >= ?4)
+               AND (?5 IS NULL OR created_at < ?5)",
+        )?
+        .query_map(
+            params![f.id, state.code(), f.postback, f.since, f.until],
+            |r| r.get(0),
+        )?
+        .collect::<Result<_, _>>()?;
+    let mut upd = c.prepare_cached(
+        "UPDATE deliveries SET state = 0, due_at = ?2, updated_at = ?2,
+                last_error = 'queued again by hand' WHERE id = ?1",
+    )?;
+    for id in &ids {
+        upd.execute(params![id, now])?;
+    }
+    Ok(ids)
+}
+
+/// When the next pending delivery falls due (unix ms), if any.
+pub(super) fn next_due(c: &Connection) -> rusqlite::Result<Option<i64>> {
+    c.prepare_cached("SELECT MIN(due_at) FROM deliveries WHERE state = 0")?
+        .query_row([], |r| r.get(0))
+}
+
+/// Rewrites one row, so that a commit proves the disk takes writes.
+pub(super) fn heartbeat(c: &Connection, now: i64) -> rusqlite::Result<()> {
+    c.prepare_cached("INSERT INTO heartbeat (id, at) VALUES (1, ?1) ON CONFLICT(id) DO UPDATE SET at = excluded.at")?
+        .execute([now])?;
+    Ok(())
+}

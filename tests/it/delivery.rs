@@ -1,0 +1,261 @@
+//! Delivery under trouble: dead and slow destinations, rate limits, retries by hand and
+//! retention of the delivery log.
+
+use crate::support::*;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "test-admin-token-0123456789";
+const WAIT: Duration = Duration::from_secs(15);
+
+fn conversions(n: usize, prefix: &str) -> Value {
+    Value::Array(
+        (0..n)
+            .map(|i| json!({"clickid": format!("{prefix}{i}"), "status": "approved"}))
+            .collect(),
+    )
+}
+
+async fn post_events(d: &Daemon, events: Value) -> Value {
+    let (code, body) = send_json(client().post(d.url("/v1/events")).json(&events)).await;
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+fn api(d: &Daemon, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    client().request(method, d.url(path)).bearer_auth(TOKEN)
+}
+
+/// A destination that accepts connections and never answers holds only its own slots:
+/// every postback to a healthy destination arrives while the dead one hangs.
+#[tokio::test]
+async fn a_dead_destination_does_not_slow_a_healthy_one() {
+    let sink = Sink::start().await;
+    let hole = BlackHole::start().await;
+    let cfg = tempfile::tempdir().unwrap();
+    write_config(
+        cfg.path(),
+        "delivery:\n  concurrency: 8\n  per_destination: 2\n",
+        &format!(
+            "postbacks:
+  - id: dead
+    trigger: conversion
+    http: {{ url: \"http://{hole}/x?cid={{clickid}}\", timeout: 60s }}
+  - id: ok
+    trigger: conversion
+    http: {{ url: \"http://{sink}/ok?cid={{clickid}}\" }}
+",
+            hole = hole.addr,
+            sink = sink.addr
+        ),
+    );
+    let d = Daemon::start(cfg.path());
+    post_events(&d, conversions(40, "c")).await;
+    let got = sink.wait_for(Some("/ok"), 40, WAIT).await;
+    assert_eq!(got.len(), 40, "{}", d.logs());
+    // The dead destination never had more than its own two slots.
+    assert!(
+        hole.connections() <= 2,
+        "{} connections",
+        hole.connections()
+    );
+    assert!(hole.connections() >= 1);
+}
+
+/// `rate: 5/s` on a destination: a burst of one second, then five a second.
+#[tokio::test]
+async fn a_destination_rate_limit_spaces_attempts() {
+    let sink = Sink::start().await;
+    let cfg = tempfile::tempdir().unwrap();
+    write_config(
+        cfg.path(),
+        &format!(
+            "delivery:\n  destinations:\n    \"{}\": {{ rate: 5/s }}\n",
+            sink.addr
+        ),
+        &format!(
+            "postbacks:\n  - id: pb\n    trigger: conversion\n    http: {{ url: \"http://{}/pb?cid={{clickid}}\" }}\n",
+            sink.addr
+        ),
+    );
+    let d = Daemon::start(cfg.path());
+    post_events(&d, conversions(15, "r")).await;
+    let got = sink.wait_for(Some("/pb"), 15, WAIT).await;
+    assert_eq!(got.len(), 15, "{}", d.logs());
+    // 5 at once, then 10 more at 5/s: at least two seconds from first to last.
+    let spread = got[14].at - got[0].at;
+    assert!(spread >= Duration::from_millis(1600), "{spread:?}");
+    let first_second = got
+        .iter()
+        .filter(|r| r.at - got[0].at < Duration::from_millis(900))
+        .count();
+    assert!(first_second <= 10, "{first_second} in the first second");
+}
+
+/// A dead delivery stays in the log with its attempts, and an admin can queue it again,
+/// one by one or in bulk.
+#[tokio::test]
+async fn dead_deliveries_are_kept_and_retried_by_hand() {
+    let sink = Sink::start().await;
+    sink.respond(|_| (500, "down".into()));
+    let cfg = tempfile::tempdir().unwrap();
+    write_config(
+        cfg.path(),
+        "api:\n  admin_tokens: [\"${env:POSTBACKD_ADMIN_TOKEN}\"]\n",
+        &format!(
+            "postbacks:\n  - id: pb\n    trigger: conversion\n    retry: [100ms]\n    http: {{ url: \"http://{}/pb?cid={{clickid}}\" }}\n",
+            sink.addr
+        ),
+    );
+    let data = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(cfg.path(), data.path(), &[("POSTBACKD_ADMIN_TOKEN", TOKEN)]);
+    let body = post_events(&d, conversions(3, "h")).await;
+    let ids: Vec<i64> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["deliveries"][0].as_i64().unwrap())
+        .collect();
+    // Two attempts each (the first and one retry), then dead.
+    assert_eq!(sink.wait_for(Some("/pb"), 6, WAIT).await.len(), 6);
+    let dead = wait_state(&d, ids[0], "dead").await;
+    assert_eq!(dead["attempts"], 2);
+    let log = dead["attempt_log"].as_array().unwrap();
+    assert_eq!(log.len(), 2);
+    assert_eq!(log[0]["response_status"], 500);
+    assert_eq!(log[0]["response_body"], "down");
+    assert_eq!(log[1]["outcome"], "5xx");
+    assert!(log[0]["url"].as_str().unwrap().ends_with("/pb?cid=h0"));
+    assert_eq!(log[0]["config_version"].as_str().unwrap().len(), 12);
+
+    // No token, a wrong token: 401 and nothing queued.
+    let path = format!("/api/v1/deliveries/{}/retry", ids[0]);
+    let (code, _) = send_json(client().post(d.url(&path))).await;
+    assert_eq!(code, 401);
+    let (code, _) = send_json(client().post(d.url(&path)).bearer_auth("nope")).await;
+    assert_eq!(code, 401);
+    let (code, _) = send_json(client().get(d.url(&format!("/api/v1/deliveries/{}", ids[0])))).await;
+    assert_eq!(code, 401);
+
+    sink.respond(|_| (200, "ok".into()));
+    let (code, body) = send_json(api(&d, reqwest::Method::POST, &path)).await;
+    assert_eq!((code, &body["queued"]), (200, &json!([ids[0]])), "{body}");
+    let done = wait_state(&d, ids[0], "delivered").await;
+    assert_eq!(done["attempts"], 3);
+    assert_eq!(done["attempt_log"][2]["outcome"], "delivered");
+    // Only finished deliveries can be retried; unknown ones are 404.
+    let (code, _) = send_json(api(
+        &d,
+        reqwest::Method::POST,
+        "/api/v1/deliveries/999/retry",
+    ))
+    .await;
+    assert_eq!(code, 404);
+
+    // Bulk: every dead delivery of `pb` since an hour ago.
+    let since = (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1)).to_string();
+    let (code, body) = send_json(
+        api(&d, reqwest::Method::POST, "/api/v1/deliveries/retry")
+            .json(&json!({"postback": "pb", "since": since})),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let mut queued: Vec<i64> = serde_json::from_value(body["queued"].clone()).unwrap();
+    queued.sort();
+    let mut rest = ids[1..].to_vec();
+    rest.sort();
+    assert_eq!(queued, rest);
+    for id in &ids[1..] {
+        wait_state(&d, *id, "delivered").await;
+    }
+    // A filter naming an unknown postback is a 400, not an empty success.
+    let (code, body) = send_json(
+        api(&d, reqwest::Method::POST, "/api/v1/deliveries/retry")
+            .json(&json!({"postback": "pbb"})),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+}
+
+/// Finished deliveries leave the log after `retention`; pending ones stay.
+#[tokio::test]
+async fn retention_prunes_finished_deliveries_only() {
+    let sink = Sink::start().await;
+    sink.respond(|r| {
+        if r.path == "/fail" {
+            (503, "busy".into())
+        } else {
+            (200, "ok".into())
+        }
+    });
+    let cfg = tempfile::tempdir().unwrap();
+    write_config(
+        cfg.path(),
+        "retention: 1s\napi:\n  admin_tokens: [\"${env:POSTBACKD_ADMIN_TOKEN}\"]\n",
+        &format!(
+            "postbacks:
+  - id: ok
+    trigger: conversion
+    http: {{ url: \"http://{sink}/ok?cid={{clickid}}\" }}
+  - id: failing
+    trigger: conversion
+    retry: [300ms, 300ms, 300ms, 300ms, 300ms, 300ms, 300ms, 300ms, 300ms, 300ms, 300ms, 300ms]
+    http: {{ url: \"http://{sink}/fail?cid={{clickid}}\" }}
+",
+            sink = sink.addr
+        ),
+    );
+    let data = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(cfg.path(), data.path(), &[("POSTBACKD_ADMIN_TOKEN", TOKEN)]);
+    let body = post_events(&d, conversions(1, "p")).await;
+    let ok = body["events"][0]["deliveries"][0].as_i64().unwrap();
+    let failing = body["events"][0]["deliveries"][1].as_i64().unwrap();
+    wait_state(&d, ok, "delivered").await;
+    // Gone once a second has passed since it finished.
+    let start = Instant::now();
+    loop {
+        let (code, _) = send_json(api(
+            &d,
+            reqwest::Method::GET,
+            &format!("/api/v1/deliveries/{ok}"),
+        ))
+        .await;
+        if code == 404 {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "delivery {ok} was never pruned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The failing one is older than the retention but still being retried: kept.
+    let (code, body) = send_json(api(
+        &d,
+        reqwest::Method::GET,
+        &format!("/api/v1/deliveries/{failing}"),
+    ))
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body["attempts"].as_u64().unwrap() >= 2, "{body}");
+    assert_ne!(body["state"], "dead");
+}
+
+async fn wait_state(d: &Daemon, id: i64, state: &str) -> Value {
+    let start = Instant::now();
+    loop {
+        let (code, body) = send_json(api(
+            d,
+            reqwest::Method::GET,
+            &format!("/api/v1/deliveries/{id}"),
+        ))
+        .await;
+        assert_eq!(code, 200, "{body}");
+        if body["state"] == state {
+            return body;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "delivery {id} never became {state}: {body}\n{}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

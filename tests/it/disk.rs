@@ -1,0 +1,90 @@
+//! When the store cannot write, webhooks get 503 (never a 2xx that would be lost), the
+//! daemon says why, and it recovers by itself once writes succeed again.
+//!
+//! The failure is real: the daemon's file size limit (RLIMIT_FSIZE, what a quota or
+//! `ulimit -f` imposes) is lowered to one byte with prlimit(2), so every write SQLite makes
+//! fails in the kernel, exactly as on a full disk. Raising it again is the disk recovering.
+
+use crate::support::*;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+fn set_file_size_limit(pid: u32, bytes: Option<u64>) {
+    let limit = libc::rlimit {
+        rlim_cur: bytes.unwrap_or(libc::RLIM_INFINITY),
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit reads `limit` and writes nothing (old limits pointer is null).
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+#[tokio::test]
+async fn a_store_that_cannot_write_answers_503_and_recovers() {
+    let sink = Sink::start().await;
+    let cfg = tempfile::tempdir().unwrap();
+    write_config(
+        cfg.path(),
+        "",
+        &format!(
+            "postbacks:\n  - id: pb\n    trigger: conversion\n    http: {{ url: \"http://{}/pb?cid={{clickid}}\" }}\n",
+            sink.addr
+        ),
+    );
+    let d = Daemon::start(cfg.path());
+    let c = client();
+    let post = |cid: &str| {
+        c.post(d.url("/postback"))
+            .json(&json!({"clickid": cid, "status": "approved"}))
+    };
+    let (code, _) = send_json(post("before")).await;
+    assert_eq!(code, 200);
+    sink.wait_for(Some("/pb"), 1, Duration::from_secs(10)).await;
+
+    set_file_size_limit(d.child.id(), Some(1));
+    let (code, body) = send_json(post("during")).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("store"), "{body}");
+    let r = c.get(d.url("/-/ready")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let why = r.text().await.unwrap();
+    assert!(why.contains("store cannot write"), "{why}");
+    assert!(why.contains("too large"), "the OS reason is given: {why}");
+    assert!(
+        d.wait_log("store cannot write", Duration::from_secs(5))
+            .await
+    );
+    // Liveness is not readiness: the process is alive and says so.
+    assert_eq!(
+        c.get(d.url("/-/healthy")).send().await.unwrap().status(),
+        200
+    );
+
+    set_file_size_limit(d.child.id(), None);
+    let start = Instant::now();
+    while c.get(d.url("/-/ready")).send().await.unwrap().status() != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "never ready again\n{}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, _) = send_json(post("after")).await;
+    assert_eq!(code, 200);
+    let got = sink.wait_for(Some("/pb"), 2, Duration::from_secs(10)).await;
+    let cids: Vec<_> = got.iter().filter_map(|r| r.param("cid")).collect();
+    assert_eq!(
+        cids,
+        ["before", "after"],
+        "the 503'd webhook was not acknowledged, so not sent"
+    );
+    assert!(d.logs().contains("store writes again"), "{}", d.logs());
+}
