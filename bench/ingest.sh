@@ -28,7 +28,7 @@ postbacks:
       url: "http://$sink/pb?cid={clickid}&sum={payout}"
 YAML
 
-"$bin" sink --listen "$sink" > /dev/null 2>&1 &
+"$bin" sink --listen "$sink" > "$work/sink.out" 2>&1 &
 "$bin" sink --listen "$bare" > /dev/null 2>&1 &
 sleep 0.5
 
@@ -38,11 +38,15 @@ rate() { # url -> requests/s
 
 base=$(rate "http://$bare")
 results=()
+delivered=""
 for cfg in none one; do
   POSTBACKD_LOG=warn "$bin" run "$work/$cfg" --listen "$daemon" --data-dir "$work/data-$cfg" 2>"$work/$cfg.log" &
   pid=$!
   sleep 0.7
+  before=$(wc -l < "$work/sink.out")
   r=$(rate "http://$daemon")
+  # Postbacks that reached the receiver while wrk ran: delivery keeps pace, or not.
+  [[ $cfg == one ]] && delivered=$(( $(wc -l < "$work/sink.out") - before ))
   kill -TERM $pid; wait $pid || true
   results+=("$cfg:$r")
 done
@@ -56,3 +60,4 @@ for r in "${results[@]}"; do
   [[ $name == one ]] && label="postbackd, durable ack, 1 postback queued+sent"
   printf '%-44s %12.0f %8.2f\n' "$label" "$val" "$(echo "$val / $base" | bc -l)"
 done
+printf '%-44s %12.0f %8s\n' "  postbacks delivered meanwhile, per second" "$(echo "$delivered / $secs" | bc -l)" ""

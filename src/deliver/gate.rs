@@ -9,8 +9,8 @@
 //!   (`per_destination`, or its own `concurrency`) and optionally a rate (token bucket, one
 //!   second of burst). A dead or slow destination fills only its own slots.
 //!
-//! The gate is pure bookkeeping: the dispatcher asks it for quotas, claims that many
-//! deliveries from the store, and tells it when attempts start and end.
+//! The gate is pure bookkeeping: the dispatcher asks it how much to claim ahead and whether
+//! a claimed delivery may start, and tells it when attempts start and end.
 
 use crate::plan::DeliverySettings;
 use crate::store::Lane;
@@ -65,32 +65,76 @@ fn lane_room(capacity: usize, inflight: [usize; 2], lane: Lane) -> usize {
     share.saturating_sub(inflight[ix(lane)]).min(free)
 }
 
+/// Deliveries of one lane to claim ahead of the slots: twice the lane's share (at least
+/// two), so a freed slot is filled from memory without waiting for the store.
+fn claim_target(capacity: usize, lane: Lane) -> usize {
+    let reserve = retry_reserve(capacity);
+    let share = match lane {
+        Lane::Retry => reserve,
+        Lane::Fresh | Lane::Any => capacity - reserve,
+    };
+    2 * share.max(1)
+}
+
 impl Gate {
-    /// What a claim for `lane` may take now: a global limit, and a cap per destination for
-    /// every destination in `destinations`.
-    pub fn quota(
+    /// Whether an attempt of `lane` to `destination` may start now, slots-wise.
+    pub fn room(&self, settings: &DeliverySettings, destination: &str, lane: Lane) -> bool {
+        let dest = self
+            .dests
+            .get(destination)
+            .map(|d| d.inflight)
+            .unwrap_or_default();
+        lane_room(settings.concurrency, self.inflight, lane) > 0
+            && lane_room(settings.concurrency_for(destination), dest, lane) > 0
+    }
+
+    /// Whether a rate-limited destination has a token now (always true without a rate).
+    pub fn has_token(
         &mut self,
+        settings: &DeliverySettings,
+        destination: &str,
+        now: Instant,
+    ) -> bool {
+        let Some(rate) = settings.destinations.get(destination).and_then(|s| s.rate) else {
+            return true;
+        };
+        let burst = rate.max(1.0);
+        let b = self
+            .dests
+            .entry(destination.to_string())
+            .or_default()
+            .bucket
+            .get_or_insert(Bucket {
+                tokens: burst,
+                at: now,
+            });
+        b.tokens = (b.tokens + rate * (now - b.at).as_secs_f64()).min(burst);
+        b.at = now;
+        b.tokens >= 1.0
+    }
+
+    /// How many deliveries of `lane` a claim may take: a global limit, and a cap for each of
+    /// `destinations`. `buffered(d)` is how many of this lane are claimed but not started
+    /// for destination `d` (`None`: all destinations).
+    pub fn claim_quota(
+        &self,
         settings: &DeliverySettings,
         destinations: &[String],
         lane: Lane,
-        now: Instant,
+        buffered: impl Fn(Option<&str>) -> usize,
     ) -> (usize, HashMap<String, usize>) {
-        let global = lane_room(settings.concurrency, self.inflight, lane);
-        let mut caps = HashMap::with_capacity(destinations.len());
-        for d in destinations {
-            let state = self.dests.entry(d.clone()).or_default();
-            let mut room = lane_room(settings.concurrency_for(d), state.inflight, lane);
-            if let Some(rate) = settings.destinations.get(d).and_then(|s| s.rate) {
-                let b = state.bucket.get_or_insert(Bucket {
-                    tokens: rate.max(1.0),
-                    at: now,
-                });
-                b.tokens = (b.tokens + rate * (now - b.at).as_secs_f64()).min(rate.max(1.0));
-                b.at = now;
-                room = room.min(b.tokens.floor() as usize);
-            }
-            caps.insert(d.clone(), room);
-        }
+        let held = |inflight: [usize; 2], waiting: usize| inflight[ix(lane)] + waiting;
+        let global = claim_target(settings.concurrency, lane)
+            .saturating_sub(held(self.inflight, buffered(None)));
+        let caps = destinations
+            .iter()
+            .map(|d| {
+                let inflight = self.dests.get(d).map(|s| s.inflight).unwrap_or_default();
+                let cap = claim_target(settings.concurrency_for(d), lane)
+                    .saturating_sub(held(inflight, buffered(Some(d))));
+                (d.clone(), cap)
+            })
+            .collect();
         (global, caps)
     }
 
@@ -146,41 +190,56 @@ mod tests {
     #[test]
     fn lanes_have_reserved_shares_and_borrow_idle_slots() {
         let s = settings(8, 8);
-        let dests = vec!["a".to_string()];
         let mut g = Gate::default();
-        let now = Instant::now();
-        assert_eq!(g.quota(&s, &dests, Lane::Fresh, now).0, 6);
-        assert_eq!(g.quota(&s, &dests, Lane::Retry, now).0, 2);
         for _ in 0..6 {
+            assert!(g.room(&s, "a", Lane::Fresh));
             g.take(Lane::Fresh, "a");
         }
         // Fresh work used its share; retries still have theirs.
-        assert_eq!(g.quota(&s, &dests, Lane::Fresh, now).0, 0);
-        let (global, caps) = g.quota(&s, &dests, Lane::Retry, now);
-        assert_eq!((global, caps["a"]), (2, 2));
-        // With no retries due, fresh work may borrow the idle retry slots.
-        assert_eq!(g.quota(&s, &dests, Lane::Any, now).0, 2);
+        assert!(!g.room(&s, "a", Lane::Fresh));
+        assert!(g.room(&s, "a", Lane::Retry));
+        // With no retries waiting, fresh work may borrow the idle retry slots.
+        assert!(g.room(&s, "a", Lane::Any));
         g.take(Lane::Fresh, "a");
         g.take(Lane::Fresh, "a");
-        assert_eq!(g.quota(&s, &dests, Lane::Retry, now).0, 0);
+        assert!(!g.room(&s, "a", Lane::Retry));
+        assert!(!g.room(&s, "a", Lane::Any));
         // A borrowed slot comes back to retries when its attempt ends.
         g.release(Lane::Fresh, "a");
-        assert_eq!(g.quota(&s, &dests, Lane::Retry, now).0, 1);
-        assert_eq!(g.quota(&s, &dests, Lane::Fresh, now).0, 0);
+        assert!(g.room(&s, "a", Lane::Retry));
+        assert!(!g.room(&s, "a", Lane::Fresh));
     }
 
     #[test]
     fn a_full_destination_does_not_limit_others() {
         let s = settings(16, 2);
-        let dests = vec!["dead".to_string(), "ok".to_string()];
         let mut g = Gate::default();
-        let now = Instant::now();
         g.take(Lane::Fresh, "dead");
-        let (_, caps) = g.quota(&s, &dests, Lane::Fresh, now);
-        // per_destination 2: one fresh slot (the other is the retry reserve).
-        assert_eq!((caps["dead"], caps["ok"]), (0, 1));
-        let (_, caps) = g.quota(&s, &dests, Lane::Any, now);
-        assert_eq!((caps["dead"], caps["ok"]), (1, 2));
+        g.take(Lane::Retry, "dead");
+        assert!(!g.room(&s, "dead", Lane::Any));
+        assert!(g.room(&s, "ok", Lane::Fresh));
+        assert!(g.room(&s, "ok", Lane::Retry));
+    }
+
+    #[test]
+    fn claims_run_ahead_of_the_slots_by_a_bounded_amount() {
+        let s = settings(8, 4);
+        let mut g = Gate::default();
+        let dests = vec!["a".to_string(), "b".to_string()];
+        let (global, caps) = g.claim_quota(&s, &dests, Lane::Fresh, |_| 0);
+        // Fresh share: 6 of 8 globally, 3 of 4 per destination; twice that ahead.
+        assert_eq!((global, caps["a"], caps["b"]), (12, 6, 6));
+        let (global, caps) = g.claim_quota(&s, &dests, Lane::Retry, |_| 0);
+        assert_eq!((global, caps["a"]), (4, 2));
+        g.take(Lane::Fresh, "a");
+        let (global, caps) =
+            g.claim_quota(
+                &s,
+                &dests,
+                Lane::Fresh,
+                |d| if d == Some("b") { 6 } else { 5 },
+            );
+        assert_eq!((global, caps["a"], caps["b"]), (6, 0, 0));
     }
 
     #[test]
@@ -193,22 +252,23 @@ mod tests {
                 rate: Some(2.0),
             },
         );
-        let dests = vec!["slow".to_string()];
         let mut g = Gate::default();
         let t0 = Instant::now();
-        assert_eq!(g.quota(&s, &dests, Lane::Any, t0).1["slow"], 2);
+        assert!(g.has_token(&s, "slow", t0));
         g.take(Lane::Fresh, "slow");
+        assert!(g.has_token(&s, "slow", t0));
         g.take(Lane::Fresh, "slow");
-        g.release(Lane::Fresh, "slow");
-        g.release(Lane::Fresh, "slow");
-        assert_eq!(g.quota(&s, &dests, Lane::Any, t0).1["slow"], 0);
+        assert!(!g.has_token(&s, "slow", t0));
         let wait = g.next_token(&s).unwrap();
         assert!(wait <= Duration::from_millis(500), "{wait:?}");
-        let later = t0 + Duration::from_millis(500);
-        assert_eq!(g.quota(&s, &dests, Lane::Any, later).1["slow"], 1);
+        assert!(g.has_token(&s, "slow", t0 + Duration::from_millis(500)));
         // The bucket never holds more than one second of tokens.
-        let much_later = t0 + Duration::from_secs(60);
-        assert_eq!(g.quota(&s, &dests, Lane::Any, much_later).1["slow"], 2);
+        let later = t0 + Duration::from_secs(60);
+        assert!(g.has_token(&s, "slow", later));
+        g.take(Lane::Fresh, "slow");
+        g.take(Lane::Fresh, "slow");
+        assert!(!g.has_token(&s, "slow", later));
+        assert!(g.has_token(&s, "other", later));
     }
 
     #[test]
@@ -218,8 +278,11 @@ mod tests {
         assert_eq!(retry_reserve(64), 16);
         let s = settings(1, 1);
         let mut g = Gate::default();
-        let now = Instant::now();
-        assert_eq!(g.quota(&s, &[], Lane::Fresh, now).0, 1);
-        assert_eq!(g.quota(&s, &[], Lane::Any, now).0, 1);
+        assert!(g.room(&s, "a", Lane::Fresh));
+        assert!(g.room(&s, "a", Lane::Any));
+        // Retries have no reserve of their own with one slot, but are still claimed.
+        assert_eq!(g.claim_quota(&s, &[], Lane::Retry, |_| 0).0, 2);
+        g.take(Lane::Fresh, "a");
+        assert!(!g.room(&s, "a", Lane::Any));
     }
 }

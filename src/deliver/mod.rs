@@ -1,9 +1,11 @@
 //! Delivery: claims due deliveries from the store, renders them with the live plan, sends
 //! them and records every attempt.
 //!
-//! The dispatcher never blocks ingest: it only talks to the store's queue. Concurrency is
-//! capped globally and per destination host, so one slow tracker cannot hold back others.
+//! The dispatcher ([`dispatch`]) never blocks ingest: it only talks to the store's queue.
+//! Concurrency is capped globally and per destination host ([`gate`]), so one slow tracker
+//! cannot hold back others.
 
+mod dispatch;
 mod gate;
 mod outcome;
 mod prune;
@@ -13,16 +15,18 @@ pub use prune::prune_loop;
 
 use crate::plan::Plan;
 use crate::render::{self, Request};
-use crate::store::{Attempt, ClaimSpec, Claimed, Lane, Next, Store};
+use crate::store::{Attempt, Claimed, Next, Store};
 use arc_swap::ArcSwap;
-use gate::Gate;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{watch, Notify};
-use tokio::task::JoinSet;
 
-fn lock(g: &Mutex<Gate>) -> MutexGuard<'_, Gate> {
-    g.lock().unwrap_or_else(|e| e.into_inner())
+/// What an attempt decided: the attempt to log (none if it never went out) and what comes
+/// next for the delivery.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub attempt: Option<Attempt>,
+    pub next: Next,
+    pub reason: Option<String>,
 }
 
 /// Everything an attempt needs.
@@ -55,130 +59,40 @@ impl Deliverer {
         }
     }
 
-    /// The dispatch loop; returns after `shutdown` flips, once in-flight attempts finish or
-    /// `grace` runs out (unfinished ones are retried at the next start).
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>, grace: Duration) {
-        let gate = Arc::new(Mutex::new(Gate::default()));
-        let ended = Arc::new(Notify::new());
-        let mut tasks = JoinSet::new();
-        let mut claim_failing = false;
+    /// Records what an attempt decided. The outcome must reach the store, or the delivery
+    /// would stay in flight until the next start: while the store cannot write, keep trying.
+    pub async fn record(&self, id: i64, decision: Decision) {
+        let Decision {
+            attempt,
+            next,
+            reason,
+        } = decision;
+        let mut pause = Duration::from_millis(100);
         loop {
-            if *shutdown.borrow() {
-                break;
-            }
-            while tasks.try_join_next().is_some() {}
-            let plan = self.plan.load_full();
-            let destinations = plan.destinations();
-            let mut more = false;
-            let mut claimed_any = false;
-            let mut failed = false;
-            // Each lane first claims within its reserved share, then anything left over is
-            // offered to whichever lane has work due.
-            for lane in [Lane::Fresh, Lane::Retry, Lane::Any] {
-                if lane == Lane::Any && !more {
-                    break;
+            match self
+                .store
+                .finish(id, attempt.clone(), next.clone(), reason.clone())
+                .await
+            {
+                Ok(()) => return,
+                Err(crate::store::StoreError::Closed) => return,
+                Err(e) => {
+                    tracing::warn!(delivery = id, error = %e, "cannot record delivery outcome yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
                 }
-                let (limit, caps) =
-                    lock(&gate).quota(&plan.settings.delivery, &destinations, lane, Instant::now());
-                if limit == 0 {
-                    more = true;
-                    continue;
-                }
-                let spec = ClaimSpec {
-                    now: crate::now_ms(),
-                    lane,
-                    limit: limit.min(256),
-                    caps,
-                    plan: plan.clone(),
-                };
-                let claim = match self.store.claim(spec).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        if !claim_failing {
-                            tracing::error!(error = %e, "cannot claim deliveries; will keep trying");
-                        }
-                        failed = true;
-                        break;
-                    }
-                };
-                more |= claim.more;
-                for d in claim.claimed {
-                    claimed_any = true;
-                    let (lane, dest) = (d.lane(), d.destination.clone());
-                    lock(&gate).take(lane, &dest);
-                    let me = self.clone();
-                    let gate = gate.clone();
-                    let ended = ended.clone();
-                    tasks.spawn(async move {
-                        me.attempt(d).await;
-                        lock(&gate).release(lane, &dest);
-                        ended.notify_one();
-                    });
-                }
-            }
-            claim_failing = failed;
-            if claimed_any && !failed {
-                continue;
-            }
-            // Nothing more could start: sleep until new work is committed, an attempt ends
-            // (freeing a slot or unblocking the next delivery of its conversion), the next
-            // delivery falls due, a rate-limited destination earns a token, or shutdown.
-            let mut wait = Duration::from_secs(1);
-            if !failed {
-                if let Ok(Some(due)) = self.store.next_due().await {
-                    let until = due - crate::now_ms();
-                    if until > 0 {
-                        wait = wait.min(Duration::from_millis(until as u64));
-                    }
-                }
-                if let Some(t) = lock(&gate).next_token(&plan.settings.delivery) {
-                    wait = wait.min(t.max(Duration::from_millis(1)));
-                }
-            }
-            tokio::select! {
-                _ = self.store.wake.notified() => {}
-                _ = ended.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => {}
             }
         }
-        let inflight = lock(&gate).inflight();
-        if inflight > 0 {
-            tracing::info!(
-                inflight,
-                grace_ms = grace.as_millis() as u64,
-                "waiting for attempts in flight"
-            );
-        }
-        let _ =
-            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     }
 
-    /// One attempt at one delivery, start to finish.
-    pub async fn attempt(&self, d: Claimed) {
+    /// One attempt at one delivery: decides whether it still goes out, renders it, sends it
+    /// and judges the answer. The caller frees the slot, then [`Deliverer::record`]s it.
+    pub async fn attempt(&self, d: &Claimed) -> Decision {
         let plan = self.plan.load_full();
-        let finish = |attempt: Option<Attempt>, next: Next, reason: Option<String>| {
-            let store = self.store.clone();
-            async move {
-                // The outcome must reach the store, or the delivery would stay in flight
-                // until the next start. While the store cannot write, keep trying (holding
-                // this slot, which slows dispatch down as it should).
-                let mut pause = Duration::from_millis(100);
-                loop {
-                    match store
-                        .finish(d.id, attempt.clone(), next.clone(), reason.clone())
-                        .await
-                    {
-                        Ok(()) => return,
-                        Err(crate::store::StoreError::Closed) => return,
-                        Err(e) => {
-                            tracing::warn!(delivery = d.id, error = %e, "cannot record delivery outcome yet; retrying");
-                            tokio::time::sleep(pause).await;
-                            pause = (pause * 2).min(Duration::from_secs(5));
-                        }
-                    }
-                }
-            }
+        let finish = |attempt: Option<Attempt>, next: Next, reason: Option<String>| Decision {
+            attempt,
+            next,
+            reason,
         };
         let Some(entry) = plan.entry(&d.postback_id, &d.offer) else {
             let reason = format!(
@@ -186,7 +100,7 @@ impl Deliverer {
                 d.postback_id, d.offer, plan.hash
             );
             tracing::info!(delivery = d.id, postback = %d.postback_id, reason = %reason, "delivery cancelled");
-            return finish(None, Next::Cancelled, Some(reason)).await;
+            return finish(None, Next::Cancelled, Some(reason));
         };
         if !entry.enabled {
             let reason = format!(
@@ -194,7 +108,7 @@ impl Deliverer {
                 d.postback_id, plan.hash
             );
             tracing::info!(delivery = d.id, postback = %d.postback_id, reason = %reason, "delivery cancelled");
-            return finish(None, Next::Cancelled, Some(reason)).await;
+            return finish(None, Next::Cancelled, Some(reason));
         }
         if d.delayed && d.attempts == 0 {
             // The hold is over: the conversion may have changed meanwhile (a fraud check
@@ -207,7 +121,7 @@ impl Deliverer {
                     latest.field("status").unwrap_or("unknown")
                 );
                 tracing::info!(delivery = d.id, postback = %d.postback_id, reason = %reason, "delivery cancelled");
-                return finish(None, Next::Cancelled, Some(reason)).await;
+                return finish(None, Next::Cancelled, Some(reason));
             }
         }
         let pb = &plan.postbacks[entry.postback];
@@ -234,7 +148,7 @@ impl Deliverer {
                     method: pb.http.method.as_str().into(),
                     ..Attempt::default()
                 };
-                return finish(Some(a), next, None).await;
+                return finish(Some(a), next, None);
             }
         };
         let timeout = pb.http.timeout.unwrap_or(plan.settings.delivery.timeout);
@@ -284,7 +198,7 @@ impl Deliverer {
             outcome: out.class().into(),
             config_version: plan.hash.clone(),
         };
-        finish(Some(a), next, None).await
+        finish(Some(a), next, None)
     }
 
     async fn send(

@@ -212,9 +212,18 @@ impl Store {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.call_with(true, f).await
+    }
+
+    /// [`Store::call`] for a job whose writes need not be synced before the answer.
+    async fn call_with<T: Send + 'static>(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(writer::job(f, reply))
+            .send(writer::job(f, reply, durable))
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
@@ -231,8 +240,15 @@ impl Store {
 
     /// Marks due deliveries in flight and returns them (see [`ClaimSpec`]). A delivery waits
     /// while an earlier delivery of the same postback for the same conversion is unfinished.
-    pub async fn claim(&self, spec: ClaimSpec) -> Result<Claim, StoreError> {
-        self.call(move |c| ops::claim(c, &spec)).await
+    ///
+    /// Claims are not synced on their own: a claim lost in a crash leaves its deliveries
+    /// pending, which is what start-up makes of in-flight deliveries anyway.
+    /// Several specs are claimed in order, in one transaction.
+    pub async fn claim(&self, specs: Vec<ClaimSpec>) -> Result<Vec<Claim>, StoreError> {
+        self.call_with(false, move |c| {
+            specs.iter().map(|s| ops::claim(c, s)).collect()
+        })
+        .await
     }
 
     /// Records an attempt (if any) and the delivery's next state.
@@ -244,22 +260,27 @@ impl Store {
         reason: Option<String>,
     ) -> Result<(), StoreError> {
         let retry = matches!(next, Next::Retry { .. });
-        self.call(move |c| ops::finish(c, id, attempt.as_ref(), &next, reason.as_deref()))
+        let unblocked = self
+            .call(move |c| ops::finish(c, id, attempt.as_ref(), &next, reason.as_deref()))
             .await?;
-        if retry {
+        if retry || unblocked {
             self.wake.notify_one();
         }
         Ok(())
     }
 
-    /// When the next pending delivery falls due (unix ms), if any.
-    pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
-        self.call(ops::next_due).await
+    /// When the next pending delivery falls due after `after` (unix ms), if any. Deliveries
+    /// already due but not claimed are waiting on a slot or an earlier delivery, and the end
+    /// of an attempt, not the clock, is what lets them go.
+    pub async fn next_due(&self, after: i64) -> Result<Option<i64>, StoreError> {
+        self.call_with(false, move |c| ops::next_due(c, after))
+            .await
     }
 
     /// Deletes one slice of what is older than `before` (unix ms); returns the rows deleted.
     pub async fn prune(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
-        self.call(move |c| ops::prune(c, before, limit)).await
+        self.call_with(false, move |c| ops::prune(c, before, limit))
+            .await
     }
 
     /// Queues finished deliveries again, due now; returns their ids.

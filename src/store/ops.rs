@@ -204,6 +204,9 @@ pub(super) fn claim(c: &Connection, spec: &ClaimSpec) -> rusqlite::Result<Claim>
             destination: dest,
         });
     }
+    // A destination left out because it is full may have due work: say there is more, so
+    // the dispatcher claims again when an attempt ends.
+    more |= !blocked.is_empty();
     Ok(Claim { claimed: out, more })
 }
 
@@ -223,17 +226,20 @@ macro_rules! claim_sql {
         )
     };
 }
-const CLAIM_FRESH: &str = claim_sql!("AND d.attempts = 0");
-const CLAIM_RETRY: &str = claim_sql!("AND d.attempts > 0");
+// `(attempts > 0) = …` is written to match the `deliveries_lane` index expression.
+const CLAIM_FRESH: &str = claim_sql!("AND (d.attempts > 0) = 0");
+const CLAIM_RETRY: &str = claim_sql!("AND (d.attempts > 0) = 1");
 const CLAIM_ANY: &str = claim_sql!("");
 
+/// Records an attempt and the delivery's next state. Returns whether a later delivery of
+/// the same order key was waiting for this one to finish (and can now be claimed).
 pub(super) fn finish(
     c: &Connection,
     id: i64,
     attempt: Option<&Attempt>,
     next: &Next,
     reason: Option<&str>,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<bool> {
     let now = attempt
         .map(|a| a.started_at + a.duration_ms)
         .unwrap_or_else(crate::now_ms);
@@ -263,7 +269,15 @@ pub(super) fn finish(
                         params![id, a.started_at, a.duration_ms, a.method, a.url, a.request_body, a.response_status, a.response_body, a.error, a.outcome, a.config_version],
         )?;
     }
-    Ok(())
+    if state == State::Pending {
+        return Ok(false);
+    }
+    c.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM deliveries n
+                        WHERE n.order_key = (SELECT order_key FROM deliveries WHERE id = ?1)
+                          AND n.id > ?1 AND n.state = 0)",
+    )?
+    .query_row([id], |r| r.get(0))
 }
 
 /// Deletes up to `limit` finished deliveries (with their attempts), events and conversions
@@ -343,10 +357,10 @@ pub(super) fn retry(c: &Connection, f: &RetryFilter, now: i64) -> rusqlite::Resu
     Ok(ids)
 }
 
-/// When the next pending delivery falls due (unix ms), if any.
-pub(super) fn next_due(c: &Connection) -> rusqlite::Result<Option<i64>> {
-    c.prepare_cached("SELECT MIN(due_at) FROM deliveries WHERE state = 0")?
-        .query_row([], |r| r.get(0))
+/// When the next pending delivery falls due after `after` (unix ms), if any.
+pub(super) fn next_due(c: &Connection, after: i64) -> rusqlite::Result<Option<i64>> {
+    c.prepare_cached("SELECT MIN(due_at) FROM deliveries WHERE state = 0 AND due_at > ?1")?
+        .query_row([after], |r| r.get(0))
 }
 
 /// Rewrites one row, so that a commit proves the disk takes writes.

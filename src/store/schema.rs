@@ -85,6 +85,12 @@ CREATE TABLE IF NOT EXISTS heartbeat (
 );
 ";
 
+/// Claims look at first attempts and retries apart; this keeps either lane's claim from
+/// scanning the other's due rows.
+const V3: &str = "
+CREATE INDEX IF NOT EXISTS deliveries_lane ON deliveries(state, (attempts > 0), due_at);
+";
+
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version < 1 {
@@ -94,6 +100,10 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if version < 2 {
         conn.execute_batch(V2)?;
         conn.pragma_update(None, "user_version", 2)?;
+    }
+    if version < 3 {
+        conn.execute_batch(V3)?;
+        conn.pragma_update(None, "user_version", 3)?;
     }
     Ok(())
 }

@@ -92,6 +92,45 @@ async fn a_destination_rate_limit_spaces_attempts() {
     assert!(first_second <= 10, "{first_second} in the first second");
 }
 
+/// A 429 with `Retry-After: 2` postpones the retry for two seconds, whatever the schedule.
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let sink = Sink::start().await;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = calls.clone();
+    sink.respond(move |_| {
+        if n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            (429, "slow down".into())
+        } else {
+            (200, "ok".into())
+        }
+    });
+    sink.set_headers(&[("retry-after", "2")]);
+    let cfg = tempfile::tempdir().unwrap();
+    write_config(
+        cfg.path(),
+        "",
+        &format!(
+            "postbacks:\n  - id: pb\n    trigger: conversion\n    retry: [100ms, 100ms]\n    http: {{ url: \"http://{}/pb?cid={{clickid}}\" }}\n",
+            sink.addr
+        ),
+    );
+    let d = Daemon::start(cfg.path());
+    post_events(&d, conversions(1, "t")).await;
+    let got = sink.wait_for(Some("/pb"), 2, WAIT).await;
+    assert_eq!(got.len(), 2, "{}", d.logs());
+    let waited = got[1].at - got[0].at;
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "retried after {waited:?}"
+    );
+    assert!(
+        d.logs().contains("outcome=\"4xx\" status=429"),
+        "{}",
+        d.logs()
+    );
+}
+
 /// A dead delivery stays in the log with its attempts, and an admin can queue it again,
 /// one by one or in bulk.
 #[tokio::test]

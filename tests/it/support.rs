@@ -49,6 +49,7 @@ pub struct Sink {
     pub addr: SocketAddr,
     pub got: Arc<Mutex<Vec<Received>>>,
     responder: Arc<Mutex<Responder>>,
+    headers: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 impl Sink {
@@ -56,10 +57,11 @@ impl Sink {
         let got: Arc<Mutex<Vec<Received>>> = Arc::default();
         let responder: Arc<Mutex<Responder>> =
             Arc::new(Mutex::new(Arc::new(|_: &Received| (200, "ok".to_string()))));
-        let (g, r) = (got.clone(), responder.clone());
+        let extra: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+        let (g, r, x) = (got.clone(), responder.clone(), extra.clone());
         let app = axum::Router::new().fallback(
             move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-                let (g, r) = (g.clone(), r.clone());
+                let (g, r, x) = (g.clone(), r.clone(), x.clone());
                 async move {
                     let rec = Received {
                         method: method.to_string(),
@@ -75,7 +77,14 @@ impl Sink {
                     let f = r.lock().unwrap().clone();
                     let (status, body) = f(&rec);
                     g.lock().unwrap().push(rec);
-                    (StatusCode::from_u16(status).unwrap(), body)
+                    let mut out = HeaderMap::new();
+                    for (k, v) in x.lock().unwrap().iter() {
+                        out.insert(
+                            axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                            v.parse().unwrap(),
+                        );
+                    }
+                    (StatusCode::from_u16(status).unwrap(), out, body)
                 }
             },
         );
@@ -86,7 +95,16 @@ impl Sink {
             addr,
             got,
             responder,
+            headers: extra,
         }
+    }
+
+    /// Headers added to every answer from now on.
+    pub fn set_headers(&self, headers: &[(&str, &str)]) {
+        *self.headers.lock().unwrap() = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
     }
 
     pub fn respond(&self, f: impl Fn(&Received) -> (u16, String) + Send + Sync + 'static) {

@@ -1,0 +1,211 @@
+//! The dispatch loop: claims due deliveries a little ahead of the free slots, holds them
+//! per destination and lane, and starts each one as soon as the [`Gate`] lets it.
+//!
+//! Claiming ahead means a finished attempt is replaced from memory at once, and the store
+//! sees one claim per batch of deliveries rather than one per delivery. What is claimed
+//! ahead is bounded per destination (twice its slots), so a dead destination's backlog stays
+//! in the store and never crowds the others out. Deliveries claimed but not started when the
+//! daemon stops are pending again at the next start, like any delivery in flight.
+
+use super::gate::Gate;
+use super::Deliverer;
+use crate::store::{ClaimSpec, Claimed, Lane};
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+/// Claimed deliveries waiting for a slot: per destination, first attempts and retries.
+#[derive(Default)]
+struct Waiting {
+    queues: HashMap<String, [VecDeque<Claimed>; 2]>,
+    counts: [usize; 2],
+}
+
+fn ix(lane: Lane) -> usize {
+    usize::from(lane == Lane::Retry)
+}
+
+impl Waiting {
+    fn push(&mut self, d: Claimed) {
+        let i = ix(d.lane());
+        self.counts[i] += 1;
+        self.queues.entry(d.destination.clone()).or_default()[i].push_back(d);
+    }
+
+    fn count(&self, lane: Lane, destination: Option<&str>) -> usize {
+        match destination {
+            None => self.counts[ix(lane)],
+            Some(d) => self.queues.get(d).map_or(0, |q| q[ix(lane)].len()),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.counts == [0, 0]
+    }
+}
+
+impl Deliverer {
+    /// The dispatch loop; returns after `shutdown` flips, once in-flight attempts finish or
+    /// `grace` runs out (unfinished ones are retried at the next start).
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>, grace: Duration) {
+        let mut gate = Gate::default();
+        let mut waiting = Waiting::default();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Lane, String)>();
+        let mut tasks = JoinSet::new();
+        let mut claim_failing = false;
+        // Claim when new work was committed, a due time passed, or an attempt ended while
+        // the last claim left due work behind (a full destination, a full lane).
+        let mut need_claim = true;
+        let mut left_behind = false;
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            while let Ok((lane, dest)) = done_rx.try_recv() {
+                gate.release(lane, &dest);
+                need_claim |= left_behind;
+            }
+            while tasks.try_join_next().is_some() {}
+            let plan = self.plan.load_full();
+            let settings = &plan.settings.delivery;
+
+            if need_claim {
+                need_claim = false;
+                let destinations = plan.destinations();
+                let mut lane_full = false;
+                let specs: Vec<ClaimSpec> = [Lane::Fresh, Lane::Retry]
+                    .into_iter()
+                    .filter_map(|lane| {
+                        let (limit, caps) = gate
+                            .claim_quota(settings, &destinations, lane, |d| waiting.count(lane, d));
+                        lane_full |= limit == 0;
+                        (limit > 0).then(|| ClaimSpec {
+                            now: crate::now_ms(),
+                            lane,
+                            limit: limit.min(512),
+                            caps,
+                            plan: plan.clone(),
+                        })
+                    })
+                    .collect();
+                left_behind = lane_full;
+                if !specs.is_empty() {
+                    match self.store.claim(specs).await {
+                        Ok(claims) => {
+                            tracing::debug!(
+                                n = claims.iter().map(|c| c.claimed.len()).sum::<usize>(),
+                                more = claims.iter().any(|c| c.more),
+                                inflight = gate.inflight(),
+                                "claimed"
+                            );
+                            claim_failing = false;
+                            left_behind |= claims.iter().any(|c| c.more);
+                            for c in claims {
+                                for d in c.claimed {
+                                    waiting.push(d);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            left_behind = true;
+                            if !claim_failing {
+                                tracing::error!(error = %e, "cannot claim deliveries; will keep trying");
+                            }
+                            claim_failing = true;
+                        }
+                    }
+                }
+            }
+
+            self.start_waiting(&mut gate, &mut waiting, &mut tasks, &done_tx);
+
+            // Sleep until an attempt ends, new work is committed, the next delivery falls
+            // due, a rate-limited destination earns a token, or shutdown.
+            let mut wait = Duration::from_secs(1);
+            if !claim_failing {
+                let now = crate::now_ms();
+                if let Ok(Some(due)) = self.store.next_due(now).await {
+                    wait = wait.min(Duration::from_millis((due - now).max(1) as u64));
+                }
+            }
+            if let Some(t) = gate.next_token(settings) {
+                wait = wait.min(t.max(Duration::from_millis(1)));
+            }
+            tokio::select! {
+                Some((lane, dest)) = done_rx.recv() => {
+                    gate.release(lane, &dest);
+                    need_claim |= left_behind;
+                }
+                _ = self.store.wake.notified() => need_claim = true,
+                _ = tokio::time::sleep(wait) => need_claim = true,
+                _ = shutdown.changed() => {}
+            }
+        }
+        if gate.inflight() > 0 {
+            tracing::info!(
+                inflight = gate.inflight(),
+                grace_ms = grace.as_millis() as u64,
+                "waiting for attempts in flight"
+            );
+        }
+        let _ =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    }
+
+    /// Starts every waiting delivery the gate lets through. Each lane first uses its own
+    /// share; then idle slots go to whichever lane still has deliveries waiting.
+    fn start_waiting(
+        &self,
+        gate: &mut Gate,
+        waiting: &mut Waiting,
+        tasks: &mut JoinSet<()>,
+        done: &mpsc::UnboundedSender<(Lane, String)>,
+    ) {
+        if waiting.is_empty() {
+            return;
+        }
+        let plan = self.plan.load();
+        let settings = &plan.settings.delivery;
+        let now = Instant::now();
+        for (dest, queues) in waiting.queues.iter_mut() {
+            loop {
+                let pick = if !queues[0].is_empty() && gate.room(settings, dest, Lane::Fresh) {
+                    0
+                } else if !queues[1].is_empty() && gate.room(settings, dest, Lane::Retry) {
+                    1
+                } else if gate.room(settings, dest, Lane::Any) {
+                    match (queues[0].is_empty(), queues[1].is_empty()) {
+                        (false, _) => 0,
+                        (true, false) => 1,
+                        (true, true) => break,
+                    }
+                } else {
+                    break;
+                };
+                if !gate.has_token(settings, dest, now) {
+                    break;
+                }
+                let Some(d) = queues[pick].pop_front() else {
+                    break;
+                };
+                waiting.counts[pick] -= 1;
+                let lane = d.lane();
+                gate.take(lane, dest);
+                let me = self.clone();
+                let done = done.clone();
+                let dest = dest.clone();
+                tasks.spawn(async move {
+                    let decision = me.attempt(&d).await;
+                    // The destination's slot is free once it has answered; recording the
+                    // outcome is the store's business and need not hold the slot.
+                    let _ = done.send((lane, dest));
+                    me.record(d.id, decision).await;
+                });
+            }
+        }
+        waiting
+            .queues
+            .retain(|_, q| !q[0].is_empty() || !q[1].is_empty());
+    }
+}
