@@ -88,3 +88,27 @@ async fn a_store_that_cannot_write_answers_503_and_recovers() {
     );
     assert!(d.logs().contains("store writes again"), "{}", d.logs());
 }
+
+/// A store file that is not a database stops the start with the path and the reason, and
+/// the file is left alone for the operator to inspect.
+#[test]
+fn a_corrupt_store_is_refused_with_the_reason() {
+    let cfg = tempfile::tempdir().unwrap();
+    write_config(cfg.path(), "", "postbacks: []\n");
+    let data = tempfile::tempdir().unwrap();
+    let db = data.path().join("postbackd.db");
+    let garbage = "this is not a database, it is a text file. ".repeat(200);
+    std::fs::write(&db, &garbage).unwrap();
+    let (code, _, stderr) = run_cli(&[
+        "run",
+        cfg.path().to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.path().to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("cannot open store"), "{stderr}");
+    assert!(stderr.contains("not a database"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&db).unwrap(), garbage);
+}
