@@ -40,7 +40,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let plan = state.plan.load();
     let tokens = &plan.settings.admin_tokens;
     if tokens.is_empty() {

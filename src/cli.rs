@@ -28,6 +28,9 @@ enum Command {
         /// Data directory for the store (overrides `data_dir`).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Do not watch the config directory; reload only on SIGHUP or POST /-/reload.
+        #[arg(long)]
+        no_watch: bool,
     },
     /// Check a config directory: print every error, or a one-line summary.
     Check { dir: PathBuf },
@@ -47,11 +50,13 @@ pub fn main() -> ExitCode {
             dir,
             listen,
             data_dir,
+            no_watch,
         } => {
             let opts = crate::Options {
                 config_dir: dir,
                 listen,
                 data_dir,
+                watch: !no_watch,
             };
             run(opts)
         }
@@ -83,7 +88,7 @@ fn check(dir: &std::path::Path) -> ExitCode {
 
 fn run(opts: crate::Options) -> ExitCode {
     // The config is loaded once, first, because logging follows its settings.
-    let plan = match crate::config::load_dir(&opts.config_dir) {
+    let plan = match crate::reload::load(&opts) {
         Ok(p) => p,
         Err(errs) => {
             eprintln!("{errs}");

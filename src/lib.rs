@@ -9,7 +9,7 @@
 //! - [`store`]: the durable queue and delivery log in SQLite, group-committed;
 //! - [`deliver`]: claims due deliveries, sends them, judges answers, schedules retries.
 //!
-//! [`server`] wires the HTTP routes, [`api`] the admin API and [`cli`] the commands; [`run`]
+//! [`reload`] loads the config at start-up and on every reload; [`server`] wires the HTTP routes, [`api`] the admin API and [`cli`] the commands; [`run`]
 //! starts the daemon.
 
 pub mod api;
@@ -18,6 +18,7 @@ pub mod config;
 pub mod deliver;
 pub mod ingest;
 pub mod plan;
+pub mod reload;
 pub mod render;
 pub mod server;
 pub mod store;
@@ -45,6 +46,9 @@ pub struct Options {
     pub listen: Option<SocketAddr>,
     /// Overrides `data_dir` from `postbackd.yaml`.
     pub data_dir: Option<PathBuf>,
+    /// Reload when files in the config directory change (SIGHUP and `POST /-/reload`
+    /// work either way).
+    pub watch: bool,
 }
 
 /// Loads the config, opens the store, serves HTTP and delivers, until `shutdown` resolves.
@@ -53,23 +57,17 @@ pub async fn run(
     opts: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let plan =
-        config::load_dir(&opts.config_dir).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+    let plan = reload::load(&opts).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
     run_plan(plan, opts, shutdown).await
 }
 
-/// [`run`] with a plan the caller already loaded (the CLI loads it first: logging follows it).
+/// [`run`] with a plan the caller already loaded with [`reload::load`] (the CLI loads it
+/// first: logging follows it).
 pub async fn run_plan(
-    mut plan: plan::Plan,
+    plan: plan::Plan,
     opts: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    if let Some(l) = opts.listen {
-        plan.settings.listen = l;
-    }
-    if let Some(d) = &opts.data_dir {
-        plan.settings.data_dir = d.clone();
-    }
     ignore_file_size_signal();
     let store = store::Store::open(&plan.settings.data_dir)?;
     let listener = tokio::net::TcpListener::bind(plan.settings.listen)
@@ -87,10 +85,24 @@ pub async fn run_plan(
     );
     let plan = Arc::new(ArcSwap::from_pointee(plan));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let reloader = Arc::new(reload::Reloader::new(opts.clone(), plan.clone()));
+    let watching = tokio::spawn({
+        let (r, stop) = (reloader.clone(), stop_rx.clone());
+        async move {
+            if r.watching() {
+                reload::watch(r, stop).await
+            }
+        }
+    });
+    let hup = tokio::spawn(reload::on_sighup(reloader.clone(), stop_rx.clone()));
     let deliverer = deliver::Deliverer::new(store.clone(), plan.clone());
     let delivering = tokio::spawn(deliverer.run(stop_rx.clone(), Duration::from_secs(10)));
     let pruning = tokio::spawn(deliver::prune_loop(store.clone(), plan.clone(), stop_rx));
-    let app = server::router(server::AppState { plan, store });
+    let app = server::router(server::AppState {
+        plan,
+        store,
+        reloader,
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
@@ -98,6 +110,8 @@ pub async fn run_plan(
     let _ = stop_tx.send(true);
     let _ = delivering.await;
     let _ = pruning.await;
+    let _ = watching.await;
+    let _ = hup.await;
     tracing::info!("stopped");
     Ok(())
 }

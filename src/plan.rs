@@ -225,6 +225,8 @@ pub struct Match {
 pub struct Plan {
     /// Content hash of every config file: the config version.
     pub hash: String,
+    /// The commit the config directory is at, when it is a git checkout.
+    pub git: Option<crate::config::git::GitInfo>,
     pub settings: Settings,
     pub sources: HashMap<String, Source>,
     pub offers: HashMap<String, Offer>,

@@ -17,6 +17,7 @@ use std::sync::Arc;
 pub struct AppState {
     pub plan: Arc<ArcSwap<Plan>>,
     pub store: Store,
+    pub reloader: Arc<crate::reload::Reloader>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -29,6 +30,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/events", post(ingest::events))
         .route("/-/healthy", get(|| async { "ok\n" }))
         .route("/-/ready", get(ready))
+        .route("/-/reload", post(reload))
         .merge(crate::api::routes())
         .fallback(|| async {
             (
@@ -53,5 +55,34 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: store cannot write: {e}\n"),
         ),
+    }
+}
+
+/// `POST /-/reload`: reloads now. 200 with the new version, or 400 with every error while
+/// the running config keeps serving. Needs an admin token when tokens are configured.
+async fn reload(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    if !state.plan.load().settings.admin_tokens.is_empty() {
+        if let Err(e) = crate::api::authorize(&state, &headers) {
+            return e.into_response();
+        }
+    }
+    match state.reloader.reload("http").await {
+        Ok(r) => (StatusCode::OK, Json(json!(r))).into_response(),
+        Err(errors) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({
+                "error": format!(
+                    "config refused: {} error(s); the running config {} keeps serving",
+                    errors.0.len(),
+                    state.plan.load().hash
+                ),
+                "errors": errors.0,
+                "text": errors.to_string(),
+            })),
+        )
+            .into_response(),
     }
 }

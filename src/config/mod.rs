@@ -6,6 +6,7 @@
 //! and column, and only returns a plan when there are none. Startup and reload both call
 //! [`load_dir`].
 
+pub mod git;
 pub mod raw;
 mod secret;
 
@@ -25,7 +26,7 @@ use std::time::Duration;
 pub const SETTINGS_FILE: &str = "postbackd.yaml";
 
 /// One problem in the config, located.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ConfigError {
     pub file: PathBuf,
     pub line: u64,
@@ -33,6 +34,20 @@ pub struct ConfigError {
     pub postback: Option<String>,
     pub message: String,
     pub hint: Option<String>,
+}
+
+impl ConfigError {
+    /// An error about a file (or directory) as a whole, with no line.
+    pub fn whole(file: &Path, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: file.to_path_buf(),
+            line: 0,
+            column: 0,
+            postback: None,
+            message: message.into(),
+            hint: None,
+        }
+    }
 }
 
 impl fmt::Display for ConfigError {
@@ -163,6 +178,7 @@ pub fn load_dir(dir: &Path) -> Result<Plan, ConfigErrors> {
     secrets.dedup();
     Ok(Plan {
         hash,
+        git: None,
         settings,
         sources: c.sources,
         offers: c.offers.into_iter().map(|(k, (o, _))| (k, o)).collect(),

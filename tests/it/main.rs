@@ -5,4 +5,5 @@ mod delivery;
 mod disk;
 mod durability;
 mod e2e;
+mod reload;
 mod support;

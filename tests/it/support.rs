@@ -180,11 +180,17 @@ impl Daemon {
     }
 
     pub fn start_with(config: &Path, data: &Path, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_args(config, data, env, &[])
+    }
+
+    /// Starts with extra arguments for `postbackd run`.
+    pub fn start_args(config: &Path, data: &Path, env: &[(&str, &str)], args: &[&str]) -> Daemon {
         let mut cmd = Command::new(BIN);
         cmd.arg("run")
             .arg(config)
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data);
+            .arg(data)
+            .args(args);
         cmd.env("POSTBACKD_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
