@@ -21,7 +21,9 @@ pub mod plan;
 pub mod reload;
 pub mod render;
 pub mod server;
+pub mod simulate;
 pub mod store;
+pub mod testing;
 
 use arc_swap::ArcSwap;
 use std::future::Future;

@@ -232,6 +232,24 @@ fn list_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// Parses `250ms`, `5s`, `1m`, `2h`, `1d` and sums like `1h30m`.
+/// A YAML error as (line, column, one-line message): serde-saphyr's own text repeats the
+/// location and adds a snippet, which the caller prints its own way.
+pub fn yaml_message(e: &serde_saphyr::Error) -> (u64, u64, String) {
+    let (line, column) = e
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .unwrap_or((0, 0));
+    let text = e.to_string();
+    let mut first = text.lines().next().unwrap_or("invalid yaml").to_string();
+    if let Some(rest) = first.strip_prefix("error: ") {
+        first = match rest.split_once(": ") {
+            Some((loc, msg)) if loc.starts_with("line ") => msg.to_string(),
+            _ => rest.to_string(),
+        };
+    }
+    (line, column, first)
+}
+
 /// Parses a rate such as `10/s`, `600/m` or `3600/h` into events per second.
 pub fn parse_rate(s: &str) -> Result<f64, String> {
     let bad = || format!("bad rate `{s}`");
@@ -389,20 +407,7 @@ impl Compiler {
     }
 
     fn yaml_error(&mut self, file: &Path, e: serde_saphyr::Error) {
-        let (line, column) = e
-            .location()
-            .map(|l| (l.line(), l.column()))
-            .unwrap_or((0, 0));
-        let text = e.to_string();
-        // serde-saphyr renders a snippet after the first line; keep the message and hint short.
-        let mut first = text.lines().next().unwrap_or("invalid yaml").to_string();
-        // Drop the "error: line N column M:" prefix: the location is printed already.
-        if let Some(rest) = first.strip_prefix("error: ") {
-            first = match rest.split_once(": ") {
-                Some((loc, msg)) if loc.starts_with("line ") => msg.to_string(),
-                _ => rest.to_string(),
-            };
-        }
+        let (line, column, first) = yaml_message(&e);
         let hint = if first.contains("unknown field") {
             Some("check the spelling; README.md lists every key".to_string())
         } else {

@@ -7,7 +7,7 @@
 
 mod dispatch;
 mod gate;
-mod outcome;
+pub mod outcome;
 mod prune;
 pub mod schedule;
 
@@ -206,24 +206,71 @@ impl Deliverer {
         req: &Request,
         timeout: Duration,
     ) -> Result<(u16, Option<Duration>, String), reqwest::Error> {
-        let method = reqwest::Method::from_bytes(req.method.as_str().as_bytes())
-            .unwrap_or(reqwest::Method::GET);
-        let mut rb = self.client.request(method, &req.url).timeout(timeout);
-        for (k, v) in &req.headers {
-            rb = rb.header(k, v);
-        }
-        if let Some(b) = &req.body {
-            rb = rb.body(b.clone());
-        }
-        let resp = rb.send().await?;
-        let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(schedule::parse_retry_after);
-        let body = read_prefix(resp, 64 * 1024).await?;
-        Ok((status, retry_after, body))
+        send(&self.client, req, timeout).await
+    }
+}
+
+/// Sends one request; returns the status, any `Retry-After`, and the first 64 KiB of the
+/// body.
+pub async fn send(
+    client: &reqwest::Client,
+    req: &Request,
+    timeout: Duration,
+) -> Result<(u16, Option<Duration>, String), reqwest::Error> {
+    let method =
+        reqwest::Method::from_bytes(req.method.as_str().as_bytes()).unwrap_or(reqwest::Method::GET);
+    let mut rb = client.request(method, &req.url).timeout(timeout);
+    for (k, v) in &req.headers {
+        rb = rb.header(k, v);
+    }
+    if let Some(b) = &req.body {
+        rb = rb.body(b.clone());
+    }
+    let resp = rb.send().await?;
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(schedule::parse_retry_after);
+    let body = read_prefix(resp, 64 * 1024).await?;
+    Ok((status, retry_after, body))
+}
+
+/// What one send outside the queue got back.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Tried {
+    pub outcome: String,
+    pub status: Option<u16>,
+    pub body: Option<String>,
+    pub error: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// Sends a postback's request once, outside the queue and the delivery log, and judges the
+/// answer by the postback's own rules (`fire --send`, `POST /api/v1/test`).
+pub async fn send_once(
+    client: &reqwest::Client,
+    plan: &Plan,
+    postback_id: &str,
+    req: &Request,
+) -> Tried {
+    let pb = plan.postback(postback_id);
+    let timeout = pb
+        .and_then(|p| p.http.timeout)
+        .unwrap_or(plan.settings.delivery.timeout);
+    let t0 = Instant::now();
+    let result = send(client, req, timeout).await;
+    let duration_ms = t0.elapsed().as_millis() as u64;
+    let success = pb.map(|p| p.http.success.clone()).unwrap_or_default();
+    let out = outcome::judge(result, &success);
+    let (status, body, error) = out.parts();
+    Tried {
+        outcome: out.class().to_string(),
+        status,
+        body: body.map(|b| plan.redact(&b)),
+        error,
+        duration_ms,
     }
 }
 

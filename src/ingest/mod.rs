@@ -104,6 +104,29 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Builds an event from a JSON object as `source` (the default source when `None`) would
+/// send it, without a secret check: for dry runs, rule tests and `fire`.
+pub fn parse_event(
+    plan: &Plan,
+    source: Option<&str>,
+    obj: &serde_json::Map<String, Value>,
+    now_ms: i64,
+) -> Result<Event, String> {
+    let source = resolve_source(plan, source).map_err(|r| {
+        r.1.get("error")
+            .and_then(Value::as_str)
+            .unwrap_or("bad source")
+            .to_string()
+    })?;
+    let mut params = BTreeMap::new();
+    json_params(obj, &mut params)?;
+    if let Some(secret) = &source.secret {
+        params.retain(|k, v| k != &source.secret_param || v != secret);
+    }
+    Event::from_params(params, source.kind, &source.id, &source.map, now_ms)
+        .map_err(|e| e.to_string())
+}
+
 /// Flattens a JSON object into string parameters.
 fn json_params(
     v: &serde_json::Map<String, Value>,

@@ -107,6 +107,20 @@ pub struct Request {
     pub body: Option<Vec<u8>>,
 }
 
+impl Request {
+    /// The request with secret values masked, for showing to people.
+    pub fn redacted(mut self, plan: &Plan) -> Request {
+        self.url = plan.redact(&self.url);
+        for (_, v) in &mut self.headers {
+            *v = plan.redact(v);
+        }
+        if let Some(b) = &self.body {
+            self.body = Some(plan.redact(&String::from_utf8_lossy(b)).into_bytes());
+        }
+        self
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RenderError {
     #[error("{part}: {message}")]

@@ -6,4 +6,5 @@ mod disk;
 mod durability;
 mod e2e;
 mod reload;
+mod rules;
 mod support;

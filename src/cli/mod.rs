@@ -1,4 +1,7 @@
-//! The command line: `run` the daemon, `check` a config directory.
+//! The command line: `run` the daemon; `check`, `test`, `fire` and `diff` for rule changes;
+//! `sink` for trying rules out.
+
+mod rules;
 
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -34,6 +37,26 @@ enum Command {
     },
     /// Check a config directory: print every error, or a one-line summary.
     Check { dir: PathBuf },
+    /// Run rule tests: every YAML file under <dir>/tests, or the files named.
+    Test { dir: PathBuf, tests: Vec<PathBuf> },
+    /// Show which postbacks an event fires and exactly what they would send.
+    Fire {
+        dir: PathBuf,
+        /// The event: JSON ('{"clickid":"abc"}'), a query string or URL, or @file.
+        event: String,
+        /// An earlier event of the same conversion (repeat for several, oldest first).
+        #[arg(long)]
+        before: Vec<String>,
+        /// The source the event comes from (its field names and status words).
+        #[arg(long)]
+        source: Option<String>,
+        /// Really send each postback once and show the answers.
+        #[arg(long, conflicts_with = "dry_run")]
+        send: bool,
+        /// Only show what would be sent (the default).
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// A throwaway receiver for trying rules out: prints every request and answers 200.
     Sink {
         #[arg(long, default_value = "127.0.0.1:9000")]
@@ -45,6 +68,15 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { dir } => check(&dir),
+        Command::Test { dir, tests } => rules::test(&dir, &tests),
+        Command::Fire {
+            dir,
+            event,
+            before,
+            source,
+            send,
+            dry_run: _,
+        } => rules::fire(&dir, &event, &before, source.as_deref(), send),
         Command::Sink { listen } => sink(listen),
         Command::Run {
             dir,

@@ -1,0 +1,160 @@
+//! The commands for changing rules safely: `test` (rule unit tests), `fire` (what one event
+//! would send, and optionally send it) and `diff` (what a change does).
+
+use crate::plan::Plan;
+use crate::simulate;
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// `postbackd test <dir> [<tests>…]`.
+pub fn test(dir: &Path, files: &[PathBuf]) -> ExitCode {
+    let files = crate::testing::test_files(dir, files);
+    if files.is_empty() {
+        eprintln!(
+            "no tests: put them in {}/tests/*.yaml or name the files",
+            dir.display()
+        );
+        return ExitCode::from(1);
+    }
+    match crate::testing::run(dir, &files) {
+        Err(errs) => {
+            eprintln!("{errs}");
+            eprintln!("{} config error(s) in {}", errs.0.len(), dir.display());
+            ExitCode::from(1)
+        }
+        Ok(r) => {
+            print!("{}", r.text);
+            println!("{} passed, {} failed", r.passed, r.failed);
+            if r.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+/// Reads an event given on the command line: a JSON object, a query string (or a whole
+/// URL), or `@file` holding either.
+pub fn event_arg(arg: &str) -> Result<Map<String, Value>, String> {
+    let text = match arg.strip_prefix('@') {
+        Some(path) => {
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?
+        }
+        None => arg.to_string(),
+    };
+    let text = text.trim();
+    if text.starts_with('{') {
+        return match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(m)) => Ok(m),
+            Ok(_) => Err("the event must be a JSON object".into()),
+            Err(e) => Err(format!("the event is not valid JSON: {e}")),
+        };
+    }
+    let query = text.split_once('?').map_or(text, |(_, q)| q);
+    let m: Map<String, Value> = form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+        .collect();
+    if m.is_empty() {
+        return Err("give the event as JSON ('{\"clickid\":\"abc\"}') or a query string ('clickid=abc&status=approved')".into());
+    }
+    Ok(m)
+}
+
+/// `postbackd fire <dir> <event> [--send]`.
+pub fn fire(
+    dir: &Path,
+    event: &str,
+    before: &[String],
+    source: Option<&str>,
+    send: bool,
+) -> ExitCode {
+    let plan = match crate::config::load_dir(dir) {
+        Ok(p) => p,
+        Err(errs) => {
+            eprintln!("{errs}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut history = Vec::new();
+    for (i, arg) in before.iter().map(String::as_str).chain([event]).enumerate() {
+        let parsed = event_arg(arg).and_then(|m| {
+            crate::ingest::parse_event(&plan, source, &m, crate::now_ms() + i as i64)
+        });
+        match parsed {
+            Ok(e) => history.push(e),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let fired = simulate::simulate(&plan, &history);
+    if fired.is_empty() {
+        println!("nothing fires");
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let client = crate::deliver::client(&plan.settings.delivery.user_agent);
+    let mut failed = false;
+    for f in &fired {
+        print_fired(&plan, f);
+        let Ok(req) = &f.request else {
+            failed = true;
+            continue;
+        };
+        if send {
+            let t = rt.block_on(crate::deliver::send_once(&client, &plan, &f.postback, req));
+            let status = t
+                .status
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "-".into());
+            println!("  <- {} {status} in {} ms", t.outcome, t.duration_ms);
+            if let Some(b) = t.body.filter(|b| !b.is_empty()) {
+                println!("     {}", b.lines().next().unwrap_or_default());
+            }
+            if let Some(e) = t.error {
+                println!("     {e}");
+            }
+            failed |= t.outcome != "delivered";
+        }
+        println!();
+    }
+    if !send {
+        println!("(dry run: nothing was sent; add --send to send each once)");
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn print_fired(plan: &Plan, f: &simulate::Fired) {
+    let mut head = format!("-> {}", f.postback);
+    if f.offer != crate::plan::ALL_OFFERS {
+        head.push_str(&format!(" (offer {})", f.offer));
+    }
+    if !f.delay.is_zero() {
+        head.push_str(&format!(", held {}s before sending", f.delay.as_secs()));
+    }
+    println!("{head}");
+    match &f.request {
+        Ok(r) => {
+            for l in simulate::describe(plan, r).lines() {
+                println!("   {l}");
+            }
+        }
+        Err(e) => println!("   cannot render: {e}"),
+    }
+}

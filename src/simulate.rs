@@ -1,0 +1,92 @@
+//! What an event would do, without the store or the network: which postbacks fire and the
+//! exact requests they would send. Rule tests, `postbackd fire`, `postbackd diff` and
+//! `POST /api/v1/test` all use it, so what they show is what the daemon does.
+
+use crate::ingest::event::Event;
+use crate::plan::Plan;
+use crate::render::{self, Request};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// One postback an event fires. The request is the real one, secrets included: show it
+/// with [`describe`] or [`FiredJson::new`], which mask them.
+#[derive(Debug, Clone)]
+pub struct Fired {
+    pub postback: String,
+    pub offer: String,
+    pub delay: Duration,
+    pub request: Result<Request, String>,
+}
+
+/// Folds `history` (earlier events of the same conversion, oldest first, then the event
+/// itself) the way the store does, and returns what the last one fires.
+pub fn simulate(plan: &Plan, history: &[Event]) -> Vec<Fired> {
+    let Some(mut merged) = history.first().cloned() else {
+        return Vec::new();
+    };
+    for e in &history[1..] {
+        merged = if e.conversion_key().is_some() && e.conversion_key() == merged.conversion_key() {
+            e.merged_onto(&merged)
+        } else {
+            e.clone()
+        };
+    }
+    plan.matches(&merged)
+        .into_iter()
+        .map(|m| {
+            let entry = &plan.entries[m.entry];
+            Fired {
+                postback: m.postback_id,
+                offer: m.offer,
+                delay: m.delay,
+                request: render::render(plan, entry, &merged).map_err(|e| e.to_string()),
+            }
+        })
+        .collect()
+}
+
+/// A request as text people read: method and URL, headers, a blank line, the body.
+/// Secrets are masked.
+pub fn describe(plan: &Plan, r: &Request) -> String {
+    let r = r.clone().redacted(plan);
+    let mut out = format!("{} {}", r.method.as_str(), r.url);
+    for (k, v) in &r.headers {
+        out.push_str(&format!("\n{k}: {v}"));
+    }
+    if let Some(b) = r.body.as_ref().filter(|b| !b.is_empty()) {
+        out.push_str("\n\n");
+        out.push_str(&String::from_utf8_lossy(b));
+    }
+    out
+}
+
+/// A fired postback as JSON (for the API and `fire --json`).
+#[derive(Debug, Serialize)]
+pub struct FiredJson {
+    pub postback: String,
+    pub offer: String,
+    pub delay_ms: u64,
+    pub request: Value,
+}
+
+impl FiredJson {
+    /// Secrets are masked.
+    pub fn new(plan: &Plan, f: &Fired) -> Self {
+        let request = f.request.clone().map(|r| r.redacted(plan));
+        FiredJson {
+            postback: f.postback.clone(),
+            offer: f.offer.clone(),
+            delay_ms: f.delay.as_millis() as u64,
+            request: match &request {
+                Ok(r) => json!({
+                    "method": r.method.as_str(),
+                    "url": r.url,
+                    "headers": r.headers.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
+                    "body": r.body.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()),
+                }),
+                Err(e) => json!({ "error": e }),
+            },
+        }
+    }
+}
