@@ -15,6 +15,8 @@ use serde_json::{json, Value};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
+        .route("/api/v1/config", get(config))
+        .route("/api/v1/test", post(test))
         .route("/api/v1/deliveries/{id}", get(delivery))
         .route("/api/v1/deliveries/{id}/retry", post(retry_one))
         .route("/api/v1/deliveries/retry", post(retry_many))
@@ -166,4 +168,102 @@ async fn retry_many(
     let ids = state.store.retry(filter).await?;
     tracing::info!(count = ids.len(), "deliveries queued again by hand");
     Ok(Json(json!({ "queued": ids })))
+}
+
+/// `GET /api/v1/config`: the running config's version (hash and git commit), the last
+/// reload, and every postback with where it is written and who last changed it.
+async fn config(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let plan = state.plan.load_full();
+    let dir = state.reloader.dir().to_path_buf();
+    let status = state.reloader.status();
+    let changes = state.reloader.line_changes(&plan).await;
+    let postbacks: Vec<Value> = plan
+        .postbacks
+        .iter()
+        .map(|p| {
+            let offers: Vec<&str> = plan
+                .entries
+                .iter()
+                .filter(|e| plan.postbacks[e.postback].id == p.id)
+                .map(|e| e.offer.as_str())
+                .collect();
+            let enabled = plan
+                .entries
+                .iter()
+                .any(|e| plan.postbacks[e.postback].id == p.id && e.enabled);
+            let file = p.origin.file.strip_prefix(&dir).unwrap_or(&p.origin.file);
+            json!({
+                "id": p.id,
+                "name": p.name,
+                "file": file,
+                "line": p.origin.line,
+                "trigger": p.trigger.as_str(),
+                "statuses": p.statuses.as_ref().map(|s| s.iter().map(|s| s.as_str()).collect::<Vec<_>>()),
+                "offers": offers,
+                "enabled": enabled,
+                "method": p.http.method.as_str(),
+                "destination": p.http.destination,
+                "last_change": changes.get(&(p.origin.file.clone(), p.origin.line)),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "version": plan.hash,
+        "git": plan.git,
+        "dir": dir,
+        "reload": status,
+        "postbacks": postbacks,
+    })))
+}
+
+/// What `POST /api/v1/test` takes: the seeds' "Test" button.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestRequest {
+    /// The event as a tracker would send it (a JSON object of fields).
+    event: serde_json::Map<String, Value>,
+    /// Earlier events of the same conversion, oldest first.
+    #[serde(default)]
+    before: Vec<serde_json::Map<String, Value>>,
+    source: Option<String>,
+    /// Send each postback once and return the answers (nothing is queued or logged).
+    #[serde(default)]
+    send: bool,
+}
+
+/// `POST /api/v1/test`: which postbacks an event fires and exactly what they send; with
+/// `"send": true`, sends each once and returns the answers.
+async fn test(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<TestRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let Json(req) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let plan = state.plan.load_full();
+    let mut history = Vec::new();
+    for (i, obj) in req.before.iter().chain([&req.event]).enumerate() {
+        let e = crate::ingest::parse_event(&plan, req.source.as_deref(), obj, crate::now_ms() + i as i64)
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+        history.push(e);
+    }
+    let fired = crate::simulate::simulate(&plan, &history);
+    let client = req
+        .send
+        .then(|| crate::deliver::client(&plan.settings.delivery.user_agent));
+    let mut out = Vec::new();
+    for f in &fired {
+        let mut v = json!(crate::simulate::FiredJson::new(&plan, f));
+        if let (Some(c), Ok(r)) = (&client, &f.request) {
+            let tried = crate::deliver::send_once(c, &plan, &f.postback, r).await;
+            tracing::info!(postback = %f.postback, outcome = %tried.outcome, "test postback sent by hand");
+            v["answer"] = json!(tried);
+        }
+        out.push(v);
+    }
+    Ok(Json(json!({ "version": plan.hash, "fired": out, "sent": req.send })))
 }

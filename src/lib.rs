@@ -80,6 +80,7 @@ pub async fn run_plan(
         %addr,
         config = %opts.config_dir.display(),
         version = %plan.hash,
+        commit = %plan.git.as_ref().map(|g| &g.commit[..12.min(g.commit.len())]).unwrap_or("-"),
         offers = plan.offers.len(),
         postbacks = plan.postbacks.len(),
         store = %store.path.display(),

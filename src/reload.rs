@@ -69,7 +69,12 @@ pub struct Reloader {
     pinned: (std::net::SocketAddr, PathBuf),
     running: tokio::sync::Mutex<()>,
     status: Mutex<ReloadStatus>,
+    /// `git blame` of the running config's files, read on first use: (config hash, changes).
+    blame: tokio::sync::Mutex<Option<(String, Arc<LineChanges>)>>,
 }
+
+/// Who last changed each line, by (file, line).
+pub type LineChanges = std::collections::HashMap<(PathBuf, u64), git::LineChange>;
 
 impl Reloader {
     pub fn new(opts: Options, plan: Arc<ArcSwap<Plan>>) -> Reloader {
@@ -81,12 +86,45 @@ impl Reloader {
             plan,
             pinned,
             running: tokio::sync::Mutex::new(()),
+            blame: tokio::sync::Mutex::new(None),
             status: Mutex::new(ReloadStatus {
                 ok: true,
                 loaded_at: crate::now_ms(),
                 ..ReloadStatus::default()
             }),
         }
+    }
+
+    /// Who last changed each line of the plan's rule files (empty outside a git checkout).
+    /// Read once per config version.
+    pub async fn line_changes(&self, plan: &Plan) -> Arc<LineChanges> {
+        let mut cache = self.blame.lock().await;
+        if let Some((hash, c)) = cache.as_ref() {
+            if *hash == plan.hash {
+                return c.clone();
+            }
+        }
+        let mut files: Vec<PathBuf> = plan.postbacks.iter().map(|p| p.origin.file.clone()).collect();
+        files.sort();
+        files.dedup();
+        let changes = if plan.git.is_some() {
+            tokio::task::spawn_blocking(move || {
+                let mut all = LineChanges::new();
+                for f in files {
+                    for (line, c) in git::blame(&f) {
+                        all.insert((f.clone(), line), c);
+                    }
+                }
+                all
+            })
+            .await
+            .unwrap_or_default()
+        } else {
+            LineChanges::new()
+        };
+        let changes = Arc::new(changes);
+        *cache = Some((plan.hash.clone(), changes.clone()));
+        changes
     }
 
     /// Whether the directory watcher should run.
@@ -172,7 +210,7 @@ impl Reloader {
                 trigger,
                 previous = %previous,
                 version = %plan.hash,
-                commit = commit.as_deref().unwrap_or("-"),
+                commit = %commit.as_deref().unwrap_or("-"),
                 postbacks = plan.postbacks.len(),
                 took_ms = out.took_ms,
                 "config reloaded"

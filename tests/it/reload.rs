@@ -425,3 +425,75 @@ async fn reload_needs_the_token_when_there_is_one() {
     let (code, _) = send_json(client().post(d.url("/-/reload")).bearer_auth(TOKEN)).await;
     assert_eq!(code, 200);
 }
+
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn commit_as(dir: &std::path::Path, who: &str, email: &str, message: &str) -> String {
+    git(dir, &["add", "-A"]);
+    git(
+        dir,
+        &["-c", &format!("user.name={who}"), "-c", &format!("user.email={email}"), "commit", "-q", "-m", message],
+    );
+    git(dir, &["rev-parse", "HEAD"])
+}
+
+/// In a git checkout the config version carries the commit, and every postback says who
+/// last changed it (the seeds' "created at / author").
+#[tokio::test]
+async fn the_config_version_carries_the_git_commit_and_authors() {
+    let sink = Sink::start().await;
+    let cfg = tempfile::tempdir().unwrap();
+    git(cfg.path(), &["init", "-q"]);
+    write_config(cfg.path(), "api:\n  admin_tokens: [\"${env:POSTBACKD_ADMIN_TOKEN}\"]\n", &rule("first", sink.addr, "/a"));
+    let c1 = commit_as(cfg.path(), "Alice", "alice@example.com", "first postback");
+    let data = tempfile::tempdir().unwrap();
+    let d = Daemon::start_args(cfg.path(), data.path(), &[("POSTBACKD_ADMIN_TOKEN", TOKEN)], &["--no-watch"]);
+    assert!(d.logs().contains(" listening "));
+
+    std::fs::write(
+        cfg.path().join("more.yaml"),
+        rule("second", sink.addr, "/b"),
+    )
+    .unwrap();
+    let c2 = commit_as(cfg.path(), "Bob", "bob@example.com", "a second postback");
+    let (code, r) = send_json(client().post(d.url("/-/reload")).bearer_auth(TOKEN)).await;
+    assert_eq!(code, 200, "{r}");
+    assert!(d.logs().contains(&format!("commit={}", &c2[..12])), "{}", d.logs());
+
+    let (code, v) = send_json(client().get(d.url("/api/v1/config")).bearer_auth(TOKEN)).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["git"]["commit"], c2);
+    assert_eq!(v["git"]["author"], "Bob <bob@example.com>");
+    assert_eq!(v["git"]["subject"], "a second postback");
+    assert_eq!(v["git"]["dirty"], false);
+    assert_eq!(v["version"], r["version"]);
+    assert_eq!(v["reload"]["last_trigger"], "http");
+    let pbs = v["postbacks"].as_array().unwrap();
+    let first = pbs.iter().find(|p| p["id"] == "first").unwrap();
+    assert_eq!(first["file"], "rules.yaml");
+    assert_eq!(first["line"], 2);
+    assert_eq!(first["last_change"]["commit"], c1);
+    assert_eq!(first["last_change"]["author"], "Alice <alice@example.com>");
+    let second = pbs.iter().find(|p| p["id"] == "second").unwrap();
+    assert_eq!(second["last_change"]["author"], "Bob <bob@example.com>");
+    assert_eq!(second["destination"], sink.addr.to_string());
+
+    // An uncommitted edit shows as dirty.
+    std::fs::write(cfg.path().join("more.yaml"), rule("second", sink.addr, "/c")).unwrap();
+    send_json(client().post(d.url("/-/reload")).bearer_auth(TOKEN)).await;
+    let (_, v) = send_json(client().get(d.url("/api/v1/config")).bearer_auth(TOKEN)).await;
+    assert_eq!(v["git"]["dirty"], true);
+    let (code, _) = send_json(client().get(d.url("/api/v1/config"))).await;
+    assert_eq!(code, 401);
+}

@@ -164,3 +164,54 @@ async fn fire_shows_what_would_be_sent_and_sends_it_on_request() {
     assert!(out.contains("<- body_rejected 200"), "{out}");
     assert_eq!(sink.received().len(), 3, "each postback sent exactly once");
 }
+
+/// The "Test" button: `POST /api/v1/test` shows what an event would send, and sends it
+/// once on request, without queueing or logging a delivery.
+#[tokio::test]
+async fn the_test_endpoint_dry_runs_and_sends_once() {
+    let sink = Sink::start().await;
+    let cfg = config_for(&repo().join("config"), sink.addr);
+    std::fs::write(
+        cfg.path().join("postbackd.yaml"),
+        "api:\n  admin_tokens: [\"${env:POSTBACKD_ADMIN_TOKEN}\"]\n",
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let token = "test-endpoint-token-0123456789";
+    let d = Daemon::start_with(cfg.path(), data.path(), &[("POSTBACKD_ADMIN_TOKEN", token)]);
+    let event = serde_json::json!({"clickid": "t1", "tid": "T-7", "offer_id": 1001, "goal": "deposit", "affiliate_id": 42, "payout": 3, "status": "approved"});
+    let (code, v) = send_json(
+        client().post(d.url("/api/v1/test")).bearer_auth(token).json(&serde_json::json!({"event": event})),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    let ids: Vec<&str> = v["fired"].as_array().unwrap().iter().map(|f| f["postback"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["affiliate-tracker", "aff42-deposits"]);
+    assert_eq!(
+        v["fired"][1]["request"]["url"],
+        format!("http://{}/aff42?clickid=t1&payout=3&status=1&txid=T-7", sink.addr)
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(sink.received().is_empty(), "a dry run sends nothing");
+
+    let (code, v) = send_json(
+        client()
+            .post(d.url("/api/v1/test"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({"event": event, "send": true})),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["fired"][1]["answer"]["outcome"], "delivered");
+    assert_eq!(v["fired"][1]["answer"]["status"], 200);
+    assert_eq!(sink.received().len(), 2);
+    // Nothing was queued: a real webhook for the same conversion still fires.
+    let (_, r) = get_json(&d.url("/postback?clickid=t1&tid=T-7&offer_id=1001&goal=deposit&affiliate_id=42&payout=3&status=approved")).await;
+    assert_eq!(r["queued"], 2, "{r}");
+
+    let (code, v) = send_json(
+        client().post(d.url("/api/v1/test")).bearer_auth(token).json(&serde_json::json!({"event": {"payout": "ten"}})),
+    )
+    .await;
+    assert_eq!(code, 400, "{v}");
+}
