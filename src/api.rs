@@ -247,8 +247,13 @@ async fn test(
     let plan = state.plan.load_full();
     let mut history = Vec::new();
     for (i, obj) in req.before.iter().chain([&req.event]).enumerate() {
-        let e = crate::ingest::parse_event(&plan, req.source.as_deref(), obj, crate::now_ms() + i as i64)
-            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+        let e = crate::ingest::parse_event(
+            &plan,
+            req.source.as_deref(),
+            obj,
+            crate::now_ms() + i as i64,
+        )
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
         history.push(e);
     }
     let fired = crate::simulate::simulate(&plan, &history);
@@ -265,5 +270,7 @@ async fn test(
         }
         out.push(v);
     }
-    Ok(Json(json!({ "version": plan.hash, "fired": out, "sent": req.send })))
+    Ok(Json(
+        json!({ "version": plan.hash, "fired": out, "sent": req.send }),
+    ))
 }

@@ -16,6 +16,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod deliver;
+pub mod diff;
 pub mod ingest;
 pub mod plan;
 pub mod reload;

@@ -90,7 +90,7 @@ pub struct Source {
     pub kind: Kind,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Offer {
     pub id: String,
     pub name: Option<String>,
@@ -114,6 +114,9 @@ pub struct Postback {
     pub statuses: Option<Vec<Status>>,
     pub http: HttpAction,
     pub retry: Vec<Duration>,
+    /// A hash of the postback as written (secrets unexpanded, positions ignored): equal
+    /// fingerprints mean an unchanged rule, for `postbackd diff`.
+    pub fingerprint: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -104,7 +104,11 @@ impl Reloader {
                 return c.clone();
             }
         }
-        let mut files: Vec<PathBuf> = plan.postbacks.iter().map(|p| p.origin.file.clone()).collect();
+        let mut files: Vec<PathBuf> = plan
+            .postbacks
+            .iter()
+            .map(|p| p.origin.file.clone())
+            .collect();
         files.sort();
         files.dedup();
         let changes = if plan.git.is_some() {

@@ -57,6 +57,16 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// What a rule change does: postbacks added, removed and changed, and for sample
+    /// events (the rule tests of both directories, or --events), what would be sent
+    /// differently.
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        /// Sample events: JSON lines, a JSON array, a YAML list, or a rule-test file.
+        #[arg(long)]
+        events: Vec<PathBuf>,
+    },
     /// A throwaway receiver for trying rules out: prints every request and answers 200.
     Sink {
         #[arg(long, default_value = "127.0.0.1:9000")]
@@ -69,6 +79,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Check { dir } => check(&dir),
         Command::Test { dir, tests } => rules::test(&dir, &tests),
+        Command::Diff { old, new, events } => rules::diff(&old, &new, &events),
         Command::Fire {
             dir,
             event,

@@ -35,6 +35,42 @@ pub fn test(dir: &Path, files: &[PathBuf]) -> ExitCode {
     }
 }
 
+/// `postbackd diff <old> <new> [--events <file>…]`. Exits 0 whether or not anything
+/// changed (like `git diff`), 2 when either side does not load.
+pub fn diff(old: &Path, new: &Path, events: &[PathBuf]) -> ExitCode {
+    let load = |dir: &Path| {
+        crate::config::load_dir(dir).map_err(|errs| {
+            eprintln!("{errs}");
+            eprintln!("{} config error(s) in {}", errs.0.len(), dir.display());
+        })
+    };
+    let (Ok(a), Ok(b)) = (load(old), load(new)) else {
+        return ExitCode::from(2);
+    };
+    let files: Vec<PathBuf> = if events.is_empty() {
+        let mut f = crate::testing::test_files(new, &[]);
+        f.extend(crate::testing::test_files(old, &[]));
+        f
+    } else {
+        events.to_vec()
+    };
+    let mut samples: Vec<crate::diff::Sample> = Vec::new();
+    for f in &files {
+        match crate::diff::samples_from_file(f) {
+            Ok(s) => samples.extend(s),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    // The same test in both directories is one sample.
+    let mut seen = std::collections::HashSet::new();
+    samples.retain(|s| seen.insert(format!("{:?}{:?}", s.source, s.history)));
+    print!("{}", crate::diff::diff(&a, old, &b, new, &samples));
+    ExitCode::SUCCESS
+}
+
 /// Reads an event given on the command line: a JSON object, a query string (or a whole
 /// URL), or `@file` holding either.
 pub fn event_arg(arg: &str) -> Result<Map<String, Value>, String> {

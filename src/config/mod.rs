@@ -232,6 +232,17 @@ fn list_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// Parses `250ms`, `5s`, `1m`, `2h`, `1d` and sums like `1h30m`.
+/// A hash of a postback as written, without positions (moving it in its file, or to
+/// another file, does not change it).
+fn fingerprint(p: &RawPostback) -> String {
+    let text = serde_json::to_string(p).unwrap_or_default();
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// A YAML error as (line, column, one-line message): serde-saphyr's own text repeats the
 /// location and adds a snippet, which the caller prints its own way.
 pub fn yaml_message(e: &serde_saphyr::Error) -> (u64, u64, String) {
@@ -1060,6 +1071,7 @@ impl Compiler {
             statuses,
             http,
             retry,
+            fingerprint: fingerprint(p),
         });
         let base_enabled = p.enabled.unwrap_or(true);
         for offer in scope {

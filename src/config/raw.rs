@@ -2,13 +2,13 @@
 //! [`super::compile`] turns them into a checked [`crate::plan::Plan`].
 
 use serde::de::{self, Deserializer, Visitor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
 use std::fmt;
 
 /// An id written as a number or a string (`1001` and `"1001"` are the same offer).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Id(pub String);
 
 impl<'de> Deserialize<'de> for Id {
@@ -34,7 +34,7 @@ impl<'de> Deserialize<'de> for Id {
 }
 
 /// One value or a list of them (`goal: deposit` or `goal: [lead, deposit]`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OneOrMany(pub Vec<Id>);
 
 impl<'de> Deserialize<'de> for OneOrMany {
@@ -154,7 +154,7 @@ pub struct RawSource {
     pub kind: Option<Spanned<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawOffer {
     pub id: Spanned<Id>,
@@ -164,7 +164,7 @@ pub struct RawOffer {
     pub goals_enabled: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawPostback {
     pub id: Spanned<String>,
@@ -196,7 +196,7 @@ pub struct RawPostback {
     pub retry: Option<Vec<Spanned<String>>>,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawOverride {
     pub enabled: Option<bool>,
@@ -207,7 +207,7 @@ pub struct RawOverride {
     pub when: BTreeMap<String, Spanned<OneOrMany>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHttp {
     pub method: Option<Spanned<String>>,
@@ -229,7 +229,7 @@ pub struct RawHttp {
     pub success: Option<RawSuccess>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAuth {
     pub username: Option<Spanned<String>>,
@@ -238,7 +238,7 @@ pub struct RawAuth {
 }
 
 /// How to tell success from the response, for APIs that answer 200 to failures.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawSuccess {
     /// Accepted status codes (default 200-299).

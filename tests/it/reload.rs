@@ -435,7 +435,11 @@ fn git(dir: &std::path::Path, args: &[&str]) -> String {
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .output()
         .unwrap();
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -443,7 +447,16 @@ fn commit_as(dir: &std::path::Path, who: &str, email: &str, message: &str) -> St
     git(dir, &["add", "-A"]);
     git(
         dir,
-        &["-c", &format!("user.name={who}"), "-c", &format!("user.email={email}"), "commit", "-q", "-m", message],
+        &[
+            "-c",
+            &format!("user.name={who}"),
+            "-c",
+            &format!("user.email={email}"),
+            "commit",
+            "-q",
+            "-m",
+            message,
+        ],
     );
     git(dir, &["rev-parse", "HEAD"])
 }
@@ -455,10 +468,19 @@ async fn the_config_version_carries_the_git_commit_and_authors() {
     let sink = Sink::start().await;
     let cfg = tempfile::tempdir().unwrap();
     git(cfg.path(), &["init", "-q"]);
-    write_config(cfg.path(), "api:\n  admin_tokens: [\"${env:POSTBACKD_ADMIN_TOKEN}\"]\n", &rule("first", sink.addr, "/a"));
+    write_config(
+        cfg.path(),
+        "api:\n  admin_tokens: [\"${env:POSTBACKD_ADMIN_TOKEN}\"]\n",
+        &rule("first", sink.addr, "/a"),
+    );
     let c1 = commit_as(cfg.path(), "Alice", "alice@example.com", "first postback");
     let data = tempfile::tempdir().unwrap();
-    let d = Daemon::start_args(cfg.path(), data.path(), &[("POSTBACKD_ADMIN_TOKEN", TOKEN)], &["--no-watch"]);
+    let d = Daemon::start_args(
+        cfg.path(),
+        data.path(),
+        &[("POSTBACKD_ADMIN_TOKEN", TOKEN)],
+        &["--no-watch"],
+    );
     assert!(d.logs().contains(" listening "));
 
     std::fs::write(
@@ -469,7 +491,11 @@ async fn the_config_version_carries_the_git_commit_and_authors() {
     let c2 = commit_as(cfg.path(), "Bob", "bob@example.com", "a second postback");
     let (code, r) = send_json(client().post(d.url("/-/reload")).bearer_auth(TOKEN)).await;
     assert_eq!(code, 200, "{r}");
-    assert!(d.logs().contains(&format!("commit={}", &c2[..12])), "{}", d.logs());
+    assert!(
+        d.logs().contains(&format!("commit={}", &c2[..12])),
+        "{}",
+        d.logs()
+    );
 
     let (code, v) = send_json(client().get(d.url("/api/v1/config")).bearer_auth(TOKEN)).await;
     assert_eq!(code, 200, "{v}");
@@ -490,7 +516,11 @@ async fn the_config_version_carries_the_git_commit_and_authors() {
     assert_eq!(second["destination"], sink.addr.to_string());
 
     // An uncommitted edit shows as dirty.
-    std::fs::write(cfg.path().join("more.yaml"), rule("second", sink.addr, "/c")).unwrap();
+    std::fs::write(
+        cfg.path().join("more.yaml"),
+        rule("second", sink.addr, "/c"),
+    )
+    .unwrap();
     send_json(client().post(d.url("/-/reload")).bearer_auth(TOKEN)).await;
     let (_, v) = send_json(client().get(d.url("/api/v1/config")).bearer_auth(TOKEN)).await;
     assert_eq!(v["git"]["dirty"], true);

@@ -181,15 +181,26 @@ async fn the_test_endpoint_dry_runs_and_sends_once() {
     let d = Daemon::start_with(cfg.path(), data.path(), &[("POSTBACKD_ADMIN_TOKEN", token)]);
     let event = serde_json::json!({"clickid": "t1", "tid": "T-7", "offer_id": 1001, "goal": "deposit", "affiliate_id": 42, "payout": 3, "status": "approved"});
     let (code, v) = send_json(
-        client().post(d.url("/api/v1/test")).bearer_auth(token).json(&serde_json::json!({"event": event})),
+        client()
+            .post(d.url("/api/v1/test"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({"event": event})),
     )
     .await;
     assert_eq!(code, 200, "{v}");
-    let ids: Vec<&str> = v["fired"].as_array().unwrap().iter().map(|f| f["postback"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = v["fired"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["postback"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["affiliate-tracker", "aff42-deposits"]);
     assert_eq!(
         v["fired"][1]["request"]["url"],
-        format!("http://{}/aff42?clickid=t1&payout=3&status=1&txid=T-7", sink.addr)
+        format!(
+            "http://{}/aff42?clickid=t1&payout=3&status=1&txid=T-7",
+            sink.addr
+        )
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(sink.received().is_empty(), "a dry run sends nothing");
@@ -210,8 +221,103 @@ async fn the_test_endpoint_dry_runs_and_sends_once() {
     assert_eq!(r["queued"], 2, "{r}");
 
     let (code, v) = send_json(
-        client().post(d.url("/api/v1/test")).bearer_auth(token).json(&serde_json::json!({"event": {"payout": "ten"}})),
+        client()
+            .post(d.url("/api/v1/test"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({"event": {"payout": "ten"}})),
     )
     .await;
     assert_eq!(code, 400, "{v}");
+}
+
+/// `diff` says which postbacks a change adds, removes and changes, and what sample events
+/// would now send differently.
+#[test]
+fn diff_shows_what_a_change_does() {
+    let sink: std::net::SocketAddr = "127.0.0.1:9000".parse().unwrap();
+    let old = config_for(&repo().join("config"), sink);
+    let new = config_for(&repo().join("config"), sink);
+    let casino = new.path().join("offers/casino.yaml");
+    let text = std::fs::read_to_string(&casino).unwrap();
+    std::fs::write(
+        &casino,
+        text.replace("status={status:approved=1 rejected=2}", "status={status}"),
+    )
+    .unwrap();
+    let global = new.path().join("global.yaml");
+    let text = std::fs::read_to_string(&global).unwrap();
+    let cut = text.find("  # Clicks are counted too").unwrap();
+    let mut text = text[..cut].to_string();
+    text.push_str("  - id: rejections\n    trigger: conversion\n    statuses: [rejected]\n    http: { url: \"https://hooks.example/r?tx={txid}\" }\n");
+    std::fs::write(&global, text).unwrap();
+    let events = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        events.path(),
+        "{\"clickid\":\"e1\",\"tid\":\"X-1\",\"offer_id\":1001,\"goal\":\"deposit\",\"affiliate_id\":42,\"payout\":7,\"status\":\"rejected\"}\n{\"kind\":\"click\",\"clickid\":\"k1\",\"offer_id\":1001}\n{\"clickid\":\"u\",\"offer_id\":555,\"status\":\"pending\"}\n",
+    )
+    .unwrap();
+    let (code, out, err) = run_cli(&[
+        "diff",
+        old.path().to_str().unwrap(),
+        new.path().to_str().unwrap(),
+        "--events",
+        events.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("postbacks: 1 added, 1 removed, 1 changed, 3 unchanged\n"),
+        "{out}"
+    );
+    assert!(out.contains("  + rejections  (global.yaml:"), "{out}");
+    assert!(out.contains("  - click-counter  (global.yaml:"), "{out}");
+    assert!(
+        out.contains("  ~ aff42-deposits  (offers/casino.yaml:8)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("events: 3 sample(s), 2 would be sent differently"),
+        "{out}"
+    );
+    assert!(
+        out.contains("+ starts  rejections: GET https://hooks.example/r?tx=X-1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("was: GET http://127.0.0.1:9000/aff42?clickid=e1&payout=7&status=2&txid=X-1"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "now: GET http://127.0.0.1:9000/aff42?clickid=e1&payout=7&status=rejected&txid=X-1"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "- stops   click-counter: GET http://127.0.0.1:9000/clicks?cid=k1&offer=1001&sub1="
+        ),
+        "{out}"
+    );
+
+    // Without --events, the rule tests of both directories are the samples.
+    let (_, out, _) = run_cli(&[
+        "diff",
+        old.path().to_str().unwrap(),
+        new.path().to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains("events: 5 sample(s), 3 would be sent differently"),
+        "{out}"
+    );
+    assert!(out.contains("clicks are counted for every offer"), "{out}");
+
+    // A broken side is reported like `check` does, exit 2.
+    std::fs::write(new.path().join("broken.yaml"), "postbacks:\n  - id: x\n").unwrap();
+    let (code, _, err) = run_cli(&[
+        "diff",
+        old.path().to_str().unwrap(),
+        new.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("broken.yaml:2:"), "{err}");
 }
