@@ -481,7 +481,6 @@ async fn the_config_version_carries_the_git_commit_and_authors() {
         &[("POSTBACKD_ADMIN_TOKEN", TOKEN)],
         &["--no-watch"],
     );
-    assert!(d.logs().contains(" listening "));
 
     std::fs::write(
         cfg.path().join("more.yaml"),

@@ -204,14 +204,18 @@ impl Daemon {
         let l = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains(" listening ") {
-                    let addr = line
-                        .split_whitespace()
-                        .find_map(|w| w.strip_prefix("addr="))
-                        .map(str::to_string);
+                let addr = line
+                    .contains(" listening ")
+                    .then(|| {
+                        line.split_whitespace()
+                            .find_map(|w| w.strip_prefix("addr="))
+                            .map(str::to_string)
+                    })
+                    .flatten();
+                l.lock().unwrap().push(line);
+                if addr.is_some() {
                     let _ = tx.send(addr);
                 }
-                l.lock().unwrap().push(line);
             }
             let _ = tx.send(None);
         });
