@@ -102,9 +102,11 @@ async fn edits_additions_and_deletions_apply_while_webhooks_flow() {
     let load = Load::start(&d);
     sink.wait_for(Some("/a"), 5, Duration::from_secs(10)).await;
 
-    // Edit in place: the postback now goes to /b.
+    // Saved the way editors do: a hidden temporary file renamed over the rule file.
     let t = Instant::now();
-    std::fs::write(cfg.path().join("rules.yaml"), rule("main", sink.addr, "/b")).unwrap();
+    let tmp = cfg.path().join(".rules.yaml.swp");
+    std::fs::write(&tmp, rule("main", sink.addr, "/b")).unwrap();
+    std::fs::rename(&tmp, cfg.path().join("rules.yaml")).unwrap();
     let took = arrives(&sink, "/b", t, Duration::from_secs(5)).await;
     assert!(took.is_some(), "the edit never applied\n{}", d.logs());
     eprintln!("edit applied after {:?}", took.unwrap());
