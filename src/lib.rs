@@ -23,6 +23,7 @@ pub mod reload;
 pub mod render;
 pub mod server;
 pub mod simulate;
+pub mod telemetry;
 pub mod store;
 pub mod testing;
 
@@ -72,6 +73,9 @@ pub async fn run_plan(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     ignore_file_size_signal();
+    let started_ms = now_ms();
+    let metrics_handle = telemetry::install();
+    telemetry::register_plan(&plan);
     let store = store::Store::open(&plan.settings.data_dir)?;
     let listener = tokio::net::TcpListener::bind(plan.settings.listen)
         .await
@@ -106,6 +110,8 @@ pub async fn run_plan(
         plan,
         store,
         reloader,
+        metrics: metrics_handle,
+        started: started_ms as f64 / 1000.0,
     });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

@@ -164,6 +164,7 @@ impl Reloader {
         let mut plan = match result {
             Ok(p) => p,
             Err(errors) => {
+                metrics::counter!(crate::telemetry::RELOADS, "result" => "failure").increment(1);
                 status.ok = false;
                 status.failed += 1;
                 status.last_errors = Some(errors.to_string());
@@ -191,6 +192,7 @@ impl Reloader {
             needs_restart.push("data_dir".to_string());
             plan.settings.data_dir = self.pinned.1.clone();
         }
+        metrics::counter!(crate::telemetry::RELOADS, "result" => "success").increment(1);
         status.ok = true;
         status.succeeded += 1;
         status.last_errors = None;
@@ -219,6 +221,7 @@ impl Reloader {
                 took_ms = out.took_ms,
                 "config reloaded"
             );
+            crate::telemetry::register_plan(&plan);
             self.plan.store(Arc::new(plan));
         } else {
             tracing::debug!(trigger, version = %previous, "config unchanged");

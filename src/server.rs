@@ -18,6 +18,10 @@ pub struct AppState {
     pub plan: Arc<ArcSwap<Plan>>,
     pub store: Store,
     pub reloader: Arc<crate::reload::Reloader>,
+    /// Renders the metrics recorder (none if another recorder was installed first).
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// When the process started (unix seconds).
+    pub started: f64,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -31,6 +35,7 @@ pub fn router(state: AppState) -> Router {
         .route("/-/healthy", get(|| async { "ok\n" }))
         .route("/-/ready", get(ready))
         .route("/-/reload", post(reload))
+        .route("/metrics", get(metrics_page))
         .merge(crate::api::routes())
         .fallback(|| async {
             (
@@ -85,4 +90,31 @@ async fn reload(
         )
             .into_response(),
     }
+}
+
+/// `GET /metrics`: the Prometheus exposition.
+async fn metrics_page(State(state): State<AppState>) -> axum::response::Response {
+    let now = crate::now_ms();
+    let (pending, retries, oldest) = state.store.queue_stats().await.unwrap_or((0, 0, None));
+    let plan = state.plan.load();
+    let status = state.reloader.status();
+    let s = crate::telemetry::State {
+        pending,
+        retries_waiting: retries,
+        oldest_pending_age_seconds: oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0),
+        store_writable: state.store.health().is_ok(),
+        config_version: plan.hash.clone(),
+        config_commit: plan.git.as_ref().map(|g| g.commit.clone()).unwrap_or_default(),
+        last_reload_ok: status.ok,
+        last_success_seconds: status.loaded_at as f64 / 1000.0,
+        start_seconds: state.started,
+    };
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::telemetry::render(state.metrics.as_ref(), &s),
+    )
+        .into_response()
 }

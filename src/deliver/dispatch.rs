@@ -197,6 +197,7 @@ impl Deliverer {
                 let dest = dest.clone();
                 tasks.spawn(async move {
                     let decision = me.attempt(&d).await;
+                    super::observe(&d, &decision);
                     // The destination's slot is free once it has answered; recording the
                     // outcome is the store's business and need not hold the slot.
                     let _ = done.send((lane, dest));

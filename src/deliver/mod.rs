@@ -237,6 +237,39 @@ pub async fn send(
     Ok((status, retry_after, body))
 }
 
+/// Counts an attempt's decision in the metrics: the attempt's result class and duration,
+/// and the delivery's final outcome (with its latency from the webhook) when it has one.
+pub fn observe(d: &Claimed, decision: &Decision) {
+    use crate::telemetry::{ATTEMPTS, ATTEMPT_SECONDS, DELIVERIES, LATENCY_SECONDS};
+    let postback = d.postback_id.clone();
+    if let Some(a) = &decision.attempt {
+        let result = match a.outcome.as_str() {
+            "delivered" => "2xx",
+            other => crate::telemetry::RESULTS
+                .iter()
+                .find(|r| **r == other)
+                .copied()
+                .unwrap_or("error"),
+        };
+        metrics::counter!(ATTEMPTS, "postback" => postback.clone(), "result" => result).increment(1);
+        if result != "render_error" {
+            metrics::histogram!(ATTEMPT_SECONDS, "postback" => postback.clone())
+                .record(a.duration_ms as f64 / 1000.0);
+        }
+    }
+    let outcome = match decision.next {
+        Next::Delivered => "delivered",
+        Next::Dead => "dead",
+        Next::Cancelled => "cancelled",
+        Next::Retry { .. } => return,
+    };
+    metrics::counter!(DELIVERIES, "postback" => postback.clone(), "outcome" => outcome).increment(1);
+    if outcome == "delivered" {
+        let secs = (crate::now_ms() - d.created_at).max(0) as f64 / 1000.0;
+        metrics::histogram!(LATENCY_SECONDS, "postback" => postback).record(secs);
+    }
+}
+
 /// What one send outside the queue got back.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Tried {

@@ -26,6 +26,8 @@ pub enum Outcome {
     },
     Timeout(String),
     Connect(String),
+    /// The TLS handshake failed (bad or expired certificate, wrong host name, protocol).
+    Tls(String),
     Other(String),
 }
 
@@ -37,7 +39,18 @@ pub fn judge(
     let (status, retry_after, body) = match result {
         Ok(r) => r,
         Err(e) if e.is_timeout() => return Outcome::Timeout(error_chain(&e)),
-        Err(e) if e.is_connect() => return Outcome::Connect(error_chain(&e)),
+        Err(e) if e.is_connect() => {
+            let chain = error_chain(&e);
+            let lower = chain.to_ascii_lowercase();
+            return if ["certificate", "tls", "handshake", "invalid peer"]
+                .iter()
+                .any(|w| lower.contains(w))
+            {
+                Outcome::Tls(chain)
+            } else {
+                Outcome::Connect(chain)
+            };
+        }
         Err(e) => return Outcome::Other(error_chain(&e)),
     };
     let status_ok = if success.status.is_empty() {
@@ -118,7 +131,9 @@ impl Outcome {
         match self {
             Outcome::Delivered { .. } | Outcome::BodyRejected { .. } => false,
             Outcome::Status { status, .. } => *status == 408 || *status == 429 || *status >= 500,
-            Outcome::Timeout(_) | Outcome::Connect(_) | Outcome::Other(_) => true,
+            Outcome::Timeout(_) | Outcome::Connect(_) | Outcome::Tls(_) | Outcome::Other(_) => {
+                true
+            }
         }
     }
 
@@ -133,12 +148,22 @@ impl Outcome {
     pub fn class(&self) -> &'static str {
         match self {
             Outcome::Delivered { .. } => "delivered",
+            Outcome::Status { status, .. } if *status < 400 => "3xx",
             Outcome::Status { status, .. } if *status < 500 => "4xx",
             Outcome::Status { .. } => "5xx",
             Outcome::BodyRejected { .. } => "body_rejected",
             Outcome::Timeout(_) => "timeout",
             Outcome::Connect(_) => "connect",
+            Outcome::Tls(_) => "tls",
             Outcome::Other(_) => "error",
+        }
+    }
+
+    /// The result class for the attempts metric: the log's class, with success as `2xx`.
+    pub fn result(&self) -> &'static str {
+        match self {
+            Outcome::Delivered { .. } => "2xx",
+            other => other.class(),
         }
     }
 
@@ -161,7 +186,7 @@ impl Outcome {
             Outcome::BodyRejected { status, body, why } => {
                 (Some(*status), Some(cut(body)), Some(why.clone()))
             }
-            Outcome::Timeout(e) | Outcome::Connect(e) | Outcome::Other(e) => {
+            Outcome::Timeout(e) | Outcome::Connect(e) | Outcome::Tls(e) | Outcome::Other(e) => {
                 (None, None, Some(e.clone()))
             }
         }

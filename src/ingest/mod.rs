@@ -192,18 +192,33 @@ fn body_params(
     }
 }
 
+/// The metrics result of a rejection.
+fn result_of(r: &Reject) -> &'static str {
+    match r.0.as_u16() {
+        401 | 403 => "unauthorized",
+        404 => "unknown_source",
+        503 => "unavailable",
+        _ => "invalid",
+    }
+}
+
 async fn accept(state: AppState, plan: Arc<Plan>, event: Event) -> Result<Value, Reject> {
     let kind = event.kind;
     let source = event.source.clone();
     match state.store.ingest(event, plan).await {
         Ok(a) => {
             tracing::debug!(event = %a.event_id, %kind, %source, matched = a.matched.len(), queued = a.queued, "event accepted");
+            crate::telemetry::event(&source, kind.as_str(), "accepted");
+            for m in &a.matched {
+                metrics::counter!(crate::telemetry::MATCHED, "postback" => m.clone()).increment(1);
+            }
             Ok(
                 json!({ "event_id": a.event_id, "matched": a.matched, "queued": a.queued, "deliveries": a.deliveries }),
             )
         }
         Err(e) => {
             tracing::error!(error = %e, "event not stored; answering 503");
+            crate::telemetry::event(&source, kind.as_str(), "unavailable");
             Err(Reject::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("event not stored, send it again later: {e}"),
@@ -221,19 +236,26 @@ pub async fn postback(
     body: Bytes,
 ) -> Result<Json<Value>, Reject> {
     let plan = state.plan.load_full();
-    let source = resolve_source(&plan, source.as_ref().map(|p| p.0.as_str()))?;
+    let source = resolve_source(&plan, source.as_ref().map(|p| p.0.as_str())).inspect_err(|r| {
+        crate::telemetry::event("unknown", "conversion", result_of(r));
+    })?;
     let mut params = BTreeMap::new();
     query_params(query.as_deref(), &mut params);
-    body_params(&headers, &body, &mut params)?;
-    check_secret(&source, &headers, &mut params)?;
-    let event = Event::from_params(
-        params,
-        source.kind,
-        &source.id,
-        &source.map,
-        crate::now_ms(),
-    )
-    .map_err(|e| bad(e.to_string()))?;
+    let parsed = body_params(&headers, &body, &mut params)
+        .and_then(|()| check_secret(&source, &headers, &mut params))
+        .and_then(|()| {
+            Event::from_params(
+                params,
+                source.kind,
+                &source.id,
+                &source.map,
+                crate::now_ms(),
+            )
+            .map_err(|e| bad(e.to_string()))
+        });
+    let event = parsed.inspect_err(|r| {
+        crate::telemetry::event(&source.id, source.kind.as_str(), result_of(r));
+    })?;
     accept(state, plan, event).await.map(Json)
 }
 
@@ -248,15 +270,28 @@ pub async fn events(
     let plan = state.plan.load_full();
     let mut q = BTreeMap::new();
     query_params(query.as_deref(), &mut q);
-    let source = resolve_source(&plan, q.get("source").map(String::as_str))?;
+    let source = resolve_source(&plan, q.get("source").map(String::as_str)).inspect_err(|r| {
+        crate::telemetry::event("unknown", "conversion", result_of(r));
+    })?;
+    let count_bad = |n: usize, result: &'static str| {
+        metrics::counter!(crate::telemetry::EVENTS, "source" => source.id.clone(), "kind" => source.kind.as_str(), "result" => result)
+            .increment(n as u64);
+    };
     let v: Value =
-        serde_json::from_slice(&body).map_err(|e| bad(format!("body is not valid JSON: {e}")))?;
+        serde_json::from_slice(&body).map_err(|e| {
+            count_bad(1, "invalid");
+            bad(format!("body is not valid JSON: {e}"))
+        })?;
     let (items, batch) = match v {
         Value::Array(a) => (a, true),
         obj @ Value::Object(_) => (vec![obj], false),
-        _ => return Err(bad("send a JSON object (one event) or an array of them")),
+        _ => {
+            count_bad(1, "invalid");
+            return Err(bad("send a JSON object (one event) or an array of them"));
+        }
     };
     if items.len() > 1000 {
+        count_bad(items.len(), "invalid");
         return Err(bad("a batch holds at most 1000 events"));
     }
     let mut evs = Vec::with_capacity(items.len());
@@ -272,7 +307,7 @@ pub async fn events(
             errors.push(json!({"index": i, "error": e}));
             continue;
         }
-        check_secret(&source, &headers, &mut params)?;
+        check_secret(&source, &headers, &mut params).inspect_err(|_| count_bad(1, "unauthorized"))?;
         match Event::from_params(
             params,
             source.kind,
@@ -285,6 +320,7 @@ pub async fn events(
         }
     }
     if !errors.is_empty() {
+        count_bad(items.len(), "invalid");
         let body = json!({ "error": "invalid events; none were accepted", "errors": errors });
         return Err(Reject(StatusCode::BAD_REQUEST, body));
     }

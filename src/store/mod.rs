@@ -314,6 +314,18 @@ impl Store {
         self.read(move |c| read::delivery(c, id)).await
     }
 
+    /// Unfinished deliveries: (count, of which failed at least once, oldest created_at).
+    pub async fn queue_stats(&self) -> Result<(i64, i64, Option<i64>), StoreError> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT COUNT(*), COALESCE(SUM(attempts > 0), 0), MIN(created_at)
+                 FROM deliveries WHERE state IN (0, 1)",
+            )?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        })
+        .await
+    }
+
     /// Whether the last write succeeded, and if not, why.
     pub fn health(&self) -> Result<(), String> {
         if self.health.is_ok() {
