@@ -23,8 +23,8 @@ pub mod reload;
 pub mod render;
 pub mod server;
 pub mod simulate;
-pub mod telemetry;
 pub mod store;
+pub mod telemetry;
 pub mod testing;
 
 use arc_swap::ArcSwap;

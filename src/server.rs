@@ -104,7 +104,11 @@ async fn metrics_page(State(state): State<AppState>) -> axum::response::Response
         oldest_pending_age_seconds: oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0),
         store_writable: state.store.health().is_ok(),
         config_version: plan.hash.clone(),
-        config_commit: plan.git.as_ref().map(|g| g.commit.clone()).unwrap_or_default(),
+        config_commit: plan
+            .git
+            .as_ref()
+            .map(|g| g.commit.clone())
+            .unwrap_or_default(),
         last_reload_ok: status.ok,
         last_success_seconds: status.loaded_at as f64 / 1000.0,
         start_seconds: state.started,

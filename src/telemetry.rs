@@ -52,7 +52,9 @@ static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 pub fn install() -> Option<PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
-            let attempt = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+            let attempt = [
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ];
             let latency = [
                 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0,
             ];
@@ -70,7 +72,10 @@ pub fn install() -> Option<PrometheusHandle> {
 
 fn describe() {
     use metrics::{describe_counter, describe_histogram, Unit};
-    describe_counter!(EVENTS, "Webhooks received, by source, event kind and result.");
+    describe_counter!(
+        EVENTS,
+        "Webhooks received, by source, event kind and result."
+    );
     describe_counter!(MATCHED, "Times an accepted event matched a postback.");
     describe_counter!(
         DELIVERIES,
@@ -147,7 +152,9 @@ fn gauge(out: &mut String, name: &str, help: &str, labels: &str, value: f64) {
 }
 
 fn label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// The exposition: the recorder's series, then the state gauges.
@@ -157,8 +164,20 @@ pub fn render(handle: Option<&PrometheusHandle>, s: &State) -> String {
         out.push('\n');
     }
     let b = |v: bool| if v { 1.0 } else { 0.0 };
-    gauge(&mut out, "postbackd_queue_pending", "Deliveries not yet finished (waiting, held or in flight).", "", s.pending as f64);
-    gauge(&mut out, "postbackd_retries_waiting", "Unfinished deliveries that have failed at least once.", "", s.retries_waiting as f64);
+    gauge(
+        &mut out,
+        "postbackd_queue_pending",
+        "Deliveries not yet finished (waiting, held or in flight).",
+        "",
+        s.pending as f64,
+    );
+    gauge(
+        &mut out,
+        "postbackd_retries_waiting",
+        "Unfinished deliveries that have failed at least once.",
+        "",
+        s.retries_waiting as f64,
+    );
     gauge(
         &mut out,
         "postbackd_queue_oldest_pending_age_seconds",
@@ -166,7 +185,13 @@ pub fn render(handle: Option<&PrometheusHandle>, s: &State) -> String {
         "",
         s.oldest_pending_age_seconds,
     );
-    gauge(&mut out, "postbackd_store_writable", "1 when the last write to the store succeeded.", "", b(s.store_writable));
+    gauge(
+        &mut out,
+        "postbackd_store_writable",
+        "1 when the last write to the store succeeded.",
+        "",
+        b(s.store_writable),
+    );
     gauge(
         &mut out,
         "postbackd_config_info",
@@ -199,6 +224,12 @@ pub fn render(handle: Option<&PrometheusHandle>, s: &State) -> String {
         &format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")),
         1.0,
     );
-    gauge(&mut out, "process_start_time_seconds", "When the process started (unix seconds).", "", s.start_seconds);
+    gauge(
+        &mut out,
+        "process_start_time_seconds",
+        "When the process started (unix seconds).",
+        "",
+        s.start_seconds,
+    );
     out
 }

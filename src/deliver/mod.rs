@@ -251,7 +251,8 @@ pub fn observe(d: &Claimed, decision: &Decision) {
                 .copied()
                 .unwrap_or("error"),
         };
-        metrics::counter!(ATTEMPTS, "postback" => postback.clone(), "result" => result).increment(1);
+        metrics::counter!(ATTEMPTS, "postback" => postback.clone(), "result" => result)
+            .increment(1);
         if result != "render_error" {
             metrics::histogram!(ATTEMPT_SECONDS, "postback" => postback.clone())
                 .record(a.duration_ms as f64 / 1000.0);
@@ -263,7 +264,8 @@ pub fn observe(d: &Claimed, decision: &Decision) {
         Next::Cancelled => "cancelled",
         Next::Retry { .. } => return,
     };
-    metrics::counter!(DELIVERIES, "postback" => postback.clone(), "outcome" => outcome).increment(1);
+    metrics::counter!(DELIVERIES, "postback" => postback.clone(), "outcome" => outcome)
+        .increment(1);
     if outcome == "delivered" {
         let secs = (crate::now_ms() - d.created_at).max(0) as f64 / 1000.0;
         metrics::histogram!(LATENCY_SECONDS, "postback" => postback).record(secs);

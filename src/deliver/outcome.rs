@@ -131,9 +131,7 @@ impl Outcome {
         match self {
             Outcome::Delivered { .. } | Outcome::BodyRejected { .. } => false,
             Outcome::Status { status, .. } => *status == 408 || *status == 429 || *status >= 500,
-            Outcome::Timeout(_) | Outcome::Connect(_) | Outcome::Tls(_) | Outcome::Other(_) => {
-                true
-            }
+            Outcome::Timeout(_) | Outcome::Connect(_) | Outcome::Tls(_) | Outcome::Other(_) => true,
         }
     }
 

@@ -277,11 +277,10 @@ pub async fn events(
         metrics::counter!(crate::telemetry::EVENTS, "source" => source.id.clone(), "kind" => source.kind.as_str(), "result" => result)
             .increment(n as u64);
     };
-    let v: Value =
-        serde_json::from_slice(&body).map_err(|e| {
-            count_bad(1, "invalid");
-            bad(format!("body is not valid JSON: {e}"))
-        })?;
+    let v: Value = serde_json::from_slice(&body).map_err(|e| {
+        count_bad(1, "invalid");
+        bad(format!("body is not valid JSON: {e}"))
+    })?;
     let (items, batch) = match v {
         Value::Array(a) => (a, true),
         obj @ Value::Object(_) => (vec![obj], false),
@@ -307,7 +306,8 @@ pub async fn events(
             errors.push(json!({"index": i, "error": e}));
             continue;
         }
-        check_secret(&source, &headers, &mut params).inspect_err(|_| count_bad(1, "unauthorized"))?;
+        check_secret(&source, &headers, &mut params)
+            .inspect_err(|_| count_bad(1, "unauthorized"))?;
         match Event::from_params(
             params,
             source.kind,
