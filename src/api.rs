@@ -4,8 +4,8 @@
 
 use crate::render::template::parse_instant;
 use crate::server::AppState;
-use crate::store::{RetryFilter, StoreError};
-use axum::extract::{Path, State};
+use crate::store::{DeliveryQuery, EventQuery, RetryFilter, State as DeliveryState, StoreError};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,6 +17,8 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/config", get(config))
         .route("/api/v1/test", post(test))
+        .route("/api/v1/deliveries", get(deliveries))
+        .route("/api/v1/events", get(events))
         .route("/api/v1/deliveries/{id}", get(delivery))
         .route("/api/v1/deliveries/{id}/retry", post(retry_one))
         .route("/api/v1/deliveries/retry", post(retry_many))
@@ -42,10 +44,29 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Access {
+    Admin,
+    /// An affiliate's token: only the postbacks that affiliate owns, read only.
+    Affiliate(String),
+}
+
+impl Access {
+    /// The postbacks this caller may see (`None`: all).
+    fn postbacks(&self, plan: &crate::plan::Plan) -> Option<Vec<String>> {
+        match self {
+            Access::Admin => None,
+            Access::Affiliate(a) => Some(plan.owned_by(a)),
+        }
+    }
+}
+
+/// Identifies the caller by its bearer token: 401 without one or with an unknown one.
+pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Access, ApiError> {
     let plan = state.plan.load();
-    let tokens = &plan.settings.admin_tokens;
-    if tokens.is_empty() {
+    let s = &plan.settings;
+    if s.admin_tokens.is_empty() && s.affiliate_tokens.is_empty() {
         return Err(ApiError(
             StatusCode::UNAUTHORIZED,
             "the API is off: set api.admin_tokens in postbackd.yaml".into(),
@@ -56,13 +77,36 @@ pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match given {
-        None => Err(ApiError(
+    let Some(g) = given else {
+        return Err(ApiError(
             StatusCode::UNAUTHORIZED,
             "send Authorization: Bearer <token>".into(),
+        ));
+    };
+    if s.admin_tokens
+        .iter()
+        .any(|t| same(t.as_bytes(), g.as_bytes()))
+    {
+        return Ok(Access::Admin);
+    }
+    if let Some((_, a)) = s
+        .affiliate_tokens
+        .iter()
+        .find(|(t, _)| same(t.as_bytes(), g.as_bytes()))
+    {
+        return Ok(Access::Affiliate(a.clone()));
+    }
+    Err(ApiError(StatusCode::UNAUTHORIZED, "unknown token".into()))
+}
+
+/// Like [`authorize`], for what only an admin may do.
+pub fn admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    match authorize(state, headers)? {
+        Access::Admin => Ok(()),
+        Access::Affiliate(_) => Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "this needs an admin token".into(),
         )),
-        Some(g) if tokens.iter().any(|t| same(t.as_bytes(), g.as_bytes())) => Ok(()),
-        Some(_) => Err(ApiError(StatusCode::UNAUTHORIZED, "unknown token".into())),
     }
 }
 
@@ -71,10 +115,12 @@ async fn delivery(
     headers: HeaderMap,
     Path(id): Path<i64>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
+    let access = authorize(&state, &headers)?;
+    let visible = access.postbacks(&state.plan.load());
     match state.store.delivery(id).await? {
-        Some(d) => Ok(Json(json!(d))),
-        None => Err(ApiError(
+        // Another affiliate's (or the admin's) delivery does not exist for this caller.
+        Some(d) if visible.as_ref().is_none_or(|v| v.contains(&d.postback)) => Ok(Json(json!(d))),
+        _ => Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("no delivery {id} (never existed, or pruned after the retention period)"),
         )),
@@ -86,7 +132,7 @@ async fn retry_one(
     headers: HeaderMap,
     Path(id): Path<i64>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
+    admin(&state, &headers)?;
     let ids = state
         .store
         .retry(RetryFilter {
@@ -128,20 +174,8 @@ async fn retry_many(
     headers: HeaderMap,
     body: Result<Json<RetryRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
+    admin(&state, &headers)?;
     let Json(req) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let instant = |field: &str, v: &Option<String>| -> Result<Option<i64>, ApiError> {
-        v.as_deref()
-            .map(|s| {
-                parse_instant(s).map(|t| t.as_millisecond()).ok_or_else(|| {
-                    ApiError(
-                        StatusCode::BAD_REQUEST,
-                        format!("{field}: `{s}` is not a time; use RFC 3339 or unix seconds"),
-                    )
-                })
-            })
-            .transpose()
-    };
     if let Some(s) = req.state.as_deref() {
         if !matches!(s, "dead" | "cancelled" | "delivered") {
             return Err(ApiError(
@@ -176,7 +210,7 @@ async fn config(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
+    admin(&state, &headers)?;
     let plan = state.plan.load_full();
     let dir = state.reloader.dir().to_path_buf();
     let status = state.reloader.status();
@@ -242,7 +276,7 @@ async fn test(
     headers: HeaderMap,
     body: Result<Json<TestRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
+    admin(&state, &headers)?;
     let Json(req) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let plan = state.plan.load_full();
     let mut history = Vec::new();
@@ -273,4 +307,146 @@ async fn test(
     Ok(Json(
         json!({ "version": plan.hash, "fired": out, "sent": req.send }),
     ))
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn instant(field: &str, v: &Option<String>) -> Result<Option<i64>, ApiError> {
+    v.as_deref()
+        .map(|s| {
+            parse_instant(s).map(|t| t.as_millisecond()).ok_or_else(|| {
+                bad(format!(
+                    "{field}: `{s}` is not a time; use RFC 3339 or unix seconds"
+                ))
+            })
+        })
+        .transpose()
+}
+
+fn cursor(v: &Option<String>) -> Result<Option<i64>, ApiError> {
+    v.as_deref()
+        .map(|c| {
+            c.parse().map_err(|_| {
+                bad(format!(
+                    "cursor: `{c}` is not a cursor from a previous page"
+                ))
+            })
+        })
+        .transpose()
+}
+
+/// `GET /api/v1/deliveries` filters; all optional.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeliveriesParams {
+    transaction_id: Option<String>,
+    clickid: Option<String>,
+    offer: Option<String>,
+    affiliate: Option<String>,
+    goal: Option<String>,
+    postback: Option<String>,
+    /// The conversion's status: approved, pending, rejected.
+    status: Option<String>,
+    /// pending, inflight, delivered, dead, cancelled.
+    state: Option<String>,
+    /// The last attempt's result: delivered, 3xx, 4xx, 5xx, timeout, connect, tls, body_rejected, render_error, error.
+    outcome: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// `GET /api/v1/deliveries`: the delivery log, newest first, 50 a page (`limit` up to
+/// 1000); `next_cursor` fetches the next page. An affiliate's token sees its own postbacks
+/// only.
+async fn deliveries(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    params: Result<Query<DeliveriesParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let access = authorize(&state, &headers)?;
+    let Query(p) = params.map_err(|e| bad(e.body_text()))?;
+    let plan = state.plan.load_full();
+    let mut postbacks = access.postbacks(&plan);
+    if let Some(one) = &p.postback {
+        postbacks = Some(match postbacks {
+            None => vec![one.clone()],
+            Some(v) => v.into_iter().filter(|x| x == one).collect(),
+        });
+    }
+    let st = match p.state.as_deref() {
+        None => None,
+        Some(name) => Some(DeliveryState::parse(name).ok_or_else(|| {
+            bad(format!(
+                "state: `{name}` is not one of pending, inflight, delivered, dead, cancelled"
+            ))
+        })?),
+    };
+    let q = DeliveryQuery {
+        transaction_id: p.transaction_id,
+        clickid: p.clickid,
+        offer: p.offer,
+        affiliate: p.affiliate,
+        goal: p.goal,
+        postbacks,
+        status: p.status,
+        state: st,
+        outcome: p.outcome,
+        since: instant("since", &p.since)?,
+        until: instant("until", &p.until)?,
+        before_id: cursor(&p.cursor)?,
+        limit: p.limit.unwrap_or(50),
+    };
+    let (rows, next) = state.store.deliveries(q).await?;
+    Ok(Json(json!({
+        "deliveries": rows,
+        "next_cursor": next.map(|n| n.to_string()),
+    })))
+}
+
+/// `GET /api/v1/events` filters; all optional.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsParams {
+    source: Option<String>,
+    kind: Option<String>,
+    clickid: Option<String>,
+    transaction_id: Option<String>,
+    offer: Option<String>,
+    affiliate: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// `GET /api/v1/events`: what trackers sent and what it matched, newest first. Admin only:
+/// events carry every affiliate's data.
+async fn events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    params: Result<Query<EventsParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    admin(&state, &headers)?;
+    let Query(p) = params.map_err(|e| bad(e.body_text()))?;
+    let q = EventQuery {
+        source: p.source,
+        kind: p.kind,
+        clickid: p.clickid,
+        transaction_id: p.transaction_id,
+        offer: p.offer,
+        affiliate: p.affiliate,
+        since: instant("since", &p.since)?,
+        until: instant("until", &p.until)?,
+        before_rowid: cursor(&p.cursor)?,
+        limit: p.limit.unwrap_or(50),
+    };
+    let (rows, next) = state.store.events(q).await?;
+    Ok(Json(json!({
+        "events": rows,
+        "next_cursor": next.map(|n| n.to_string()),
+    })))
 }

@@ -26,6 +26,8 @@ pub struct Settings {
     pub retention: Duration,
     /// Bearer tokens accepted by `/api/v1` (none: the API answers 401).
     pub admin_tokens: Vec<String>,
+    /// (token, affiliate id): read access to that affiliate's postbacks' deliveries.
+    pub affiliate_tokens: Vec<(String, String)>,
 }
 
 /// Default retention of the delivery log.
@@ -109,6 +111,8 @@ pub struct Origin {
 pub struct Postback {
     pub id: String,
     pub name: Option<String>,
+    /// The affiliate that owns it (fires only for that affiliate; visible to its token).
+    pub owner: Option<String>,
     pub origin: Origin,
     pub trigger: Kind,
     pub statuses: Option<Vec<Status>>,
@@ -281,6 +285,11 @@ impl Plan {
         if pb.trigger != event.kind {
             return false;
         }
+        if let Some(owner) = &pb.owner {
+            if event.field("affiliate_id") != Some(owner.as_str()) {
+                return false;
+            }
+        }
         if let (Some(statuses), Some(status)) = (&pb.statuses, event.status()) {
             if !statuses.contains(&status) {
                 return false;
@@ -331,6 +340,15 @@ impl Plan {
         d.sort();
         d.dedup();
         d
+    }
+
+    /// The ids of the postbacks an affiliate owns.
+    pub fn owned_by(&self, affiliate: &str) -> Vec<String> {
+        self.postbacks
+            .iter()
+            .filter(|p| p.owner.as_deref() == Some(affiliate))
+            .map(|p| p.id.clone())
+            .collect()
     }
 
     pub fn postback(&self, id: &str) -> Option<&Postback> {

@@ -69,8 +69,9 @@ async fn reload(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
 ) -> axum::response::Response {
-    if !state.plan.load().settings.admin_tokens.is_empty() {
-        if let Err(e) = crate::api::authorize(&state, &headers) {
+    let s = &state.plan.load().settings;
+    if !s.admin_tokens.is_empty() || !s.affiliate_tokens.is_empty() {
+        if let Err(e) = crate::api::admin(&state, &headers) {
             return e.into_response();
         }
     }

@@ -1,6 +1,7 @@
 //! The command line: `run` the daemon; `check`, `test`, `fire` and `diff` for rule changes;
 //! `sink` for trying rules out.
 
+mod deliveries;
 mod rules;
 
 use clap::{Parser, Subcommand};
@@ -67,6 +68,8 @@ enum Command {
         #[arg(long)]
         events: Vec<PathBuf>,
     },
+    /// The delivery log of a running daemon: list (with filters), show one, retry.
+    Deliveries(Box<deliveries::Deliveries>),
     /// A throwaway receiver for trying rules out: prints every request and answers 200.
     Sink {
         #[arg(long, default_value = "127.0.0.1:9000")]
@@ -80,6 +83,7 @@ pub fn main() -> ExitCode {
         Command::Check { dir } => check(&dir),
         Command::Test { dir, tests } => rules::test(&dir, &tests),
         Command::Diff { old, new, events } => rules::diff(&old, &new, &events),
+        Command::Deliveries(d) => deliveries::main(*d),
         Command::Fire {
             dir,
             event,

@@ -567,6 +567,31 @@ impl Compiler {
             None => DEFAULT_RETENTION,
         };
         let mut admin_tokens = Vec::new();
+        let mut affiliate_tokens = Vec::new();
+        for (affiliate, t) in raw.api.iter().flat_map(|a| &a.affiliate_tokens) {
+            if !t.value.trim_start().starts_with("${") {
+                self.err(
+                    &cx,
+                    t,
+                    format!("api.affiliate_tokens.{affiliate}: a token must not be written in the config"),
+                    Some("read it from the environment or a file: ${env:AFFILIATE_42_TOKEN}".into()),
+                );
+                continue;
+            }
+            let token = self.expand(&cx, t);
+            if token.len() < 16 && !token.is_empty() {
+                self.err(
+                    &cx,
+                    t,
+                    format!(
+                        "api.affiliate_tokens.{affiliate}: a token needs at least 16 characters"
+                    ),
+                    None,
+                );
+            } else if !token.is_empty() {
+                affiliate_tokens.push((token, affiliate.clone()));
+            }
+        }
         for t in raw.api.iter().flat_map(|a| &a.admin_tokens) {
             if !t.value.trim_start().starts_with("${") {
                 self.err(
@@ -616,6 +641,7 @@ impl Compiler {
             log_level,
             retention,
             admin_tokens,
+            affiliate_tokens,
         }
     }
 
@@ -1063,6 +1089,7 @@ impl Compiler {
         self.postbacks.push(Postback {
             id: id.clone(),
             name: p.name.clone(),
+            owner: p.affiliate.as_ref().map(|a| a.value.0.clone()),
             origin: Origin {
                 file: file.to_path_buf(),
                 line: p.id.referenced.line(),

@@ -91,6 +91,9 @@ pub struct RawApi {
     /// Tokens that may use `/api/v1`; each must come from `${env:…}` or `${file:…}`.
     #[serde(default)]
     pub admin_tokens: Vec<Spanned<String>>,
+    /// Affiliate id → token: that affiliate sees its own postbacks' deliveries only.
+    #[serde(default)]
+    pub affiliate_tokens: BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -169,6 +172,9 @@ pub struct RawOffer {
 pub struct RawPostback {
     pub id: Spanned<String>,
     pub name: Option<String>,
+    /// The affiliate this postback belongs to: it fires only for that affiliate's
+    /// conversions, and that affiliate's API token can see it and its deliveries.
+    pub affiliate: Option<Spanned<Id>>,
     pub enabled: Option<bool>,
     /// click | impression | conversion
     pub trigger: Spanned<String>,

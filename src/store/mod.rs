@@ -12,7 +12,7 @@ mod schema;
 mod writer;
 
 pub use ops::{Claim, ClaimSpec, Lane, RetryFilter};
-pub use read::{AttemptRow, DeliveryRow};
+pub use read::{AttemptRow, DeliveryQuery, DeliveryRow, EventQuery, EventRow};
 
 use crate::ingest::event::Event;
 use crate::plan::Plan;
@@ -45,6 +45,18 @@ impl State {
             State::Cancelled => 4,
         }
     }
+    /// A state by its name: `pending`, `inflight`, `delivered`, `dead`, `cancelled`.
+    pub fn parse(name: &str) -> Option<State> {
+        Some(match name {
+            "pending" => State::Pending,
+            "inflight" => State::Inflight,
+            "delivered" => State::Delivered,
+            "dead" => State::Dead,
+            "cancelled" => State::Cancelled,
+            _ => return None,
+        })
+    }
+
     pub fn from_code(c: i64) -> State {
         match c {
             0 => State::Pending,
@@ -307,6 +319,19 @@ impl Store {
         })
         .await
         .map_err(|_| StoreError::Closed)?
+    }
+
+    /// A page of the delivery log, newest first, and the next page's cursor.
+    pub async fn deliveries(
+        &self,
+        q: DeliveryQuery,
+    ) -> Result<(Vec<DeliveryRow>, Option<i64>), StoreError> {
+        self.read(move |c| read::deliveries(c, &q)).await
+    }
+
+    /// A page of the received events, newest first, and the next page's cursor.
+    pub async fn events(&self, q: EventQuery) -> Result<(Vec<EventRow>, Option<i64>), StoreError> {
+        self.read(move |c| read::events(c, &q)).await
     }
 
     /// One delivery with every attempt, if it exists.

@@ -251,7 +251,8 @@ pub(super) fn finish(
     };
     let bump = i64::from(attempt.is_some());
     c.prepare_cached("UPDATE deliveries SET state = ?2, attempts = attempts + ?3, due_at = COALESCE(?4, due_at), updated_at = ?5,
-                last_error = COALESCE(?6, last_error), last_status = COALESCE(?7, last_status)
+                last_error = COALESCE(?6, last_error), last_status = COALESCE(?7, last_status),
+                last_outcome = COALESCE(?8, last_outcome)
          WHERE id = ?1")?.execute(
                 params![
             id,
@@ -261,6 +262,7 @@ pub(super) fn finish(
             now,
             reason.or(attempt.and_then(|a| a.error.as_deref())),
             attempt.and_then(|a| a.response_status),
+            attempt.map(|a| a.outcome.as_str()),
         ],
     )?;
     if let Some(a) = attempt {

@@ -19,6 +19,8 @@ pub struct DeliveryRow {
     pub updated_at: i64,
     pub last_status: Option<u16>,
     pub last_error: Option<String>,
+    /// The last attempt's result class (`delivered`, `5xx`, `timeout`…).
+    pub last_outcome: Option<String>,
     pub clickid: Option<String>,
     pub transaction_id: Option<String>,
     pub offer_id: Option<String>,
@@ -48,31 +50,10 @@ pub(super) fn delivery(c: &Connection, id: i64) -> rusqlite::Result<Option<Deliv
         .prepare_cached(
             "SELECT id, postback_id, offer, event_id, state, status, attempts, created_at, due_at,
                     updated_at, last_status, last_error, clickid, transaction_id, offer_id,
-                    affiliate_id, goal
+                    affiliate_id, goal, last_outcome
              FROM deliveries WHERE id = ?1",
         )?
-        .query_row([id], |r| {
-            Ok(DeliveryRow {
-                id: r.get(0)?,
-                postback: r.get(1)?,
-                offer: r.get(2)?,
-                event_id: r.get(3)?,
-                state: State::from_code(r.get(4)?),
-                status: r.get(5)?,
-                attempts: r.get(6)?,
-                created_at: r.get(7)?,
-                due_at: r.get(8)?,
-                updated_at: r.get(9)?,
-                last_status: r.get(10)?,
-                last_error: r.get(11)?,
-                clickid: r.get(12)?,
-                transaction_id: r.get(13)?,
-                offer_id: r.get(14)?,
-                affiliate_id: r.get(15)?,
-                goal: r.get(16)?,
-                attempt_log: Vec::new(),
-            })
-        })
+        .query_row([id], delivery_row)
         .optional()?;
     let Some(mut row) = row else {
         return Ok(None);
@@ -100,4 +81,208 @@ pub(super) fn delivery(c: &Connection, id: i64) -> rusqlite::Result<Option<Deliv
         })?
         .collect::<Result<_, _>>()?;
     Ok(Some(row))
+}
+
+const DELIVERY_COLUMNS: &str =
+    "id, postback_id, offer, event_id, state, status, attempts, created_at, due_at,
+    updated_at, last_status, last_error, clickid, transaction_id, offer_id, affiliate_id, goal,
+    last_outcome";
+
+fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
+    Ok(DeliveryRow {
+        id: r.get(0)?,
+        postback: r.get(1)?,
+        offer: r.get(2)?,
+        event_id: r.get(3)?,
+        state: State::from_code(r.get(4)?),
+        status: r.get(5)?,
+        attempts: r.get(6)?,
+        created_at: r.get(7)?,
+        due_at: r.get(8)?,
+        updated_at: r.get(9)?,
+        last_status: r.get(10)?,
+        last_error: r.get(11)?,
+        clickid: r.get(12)?,
+        transaction_id: r.get(13)?,
+        offer_id: r.get(14)?,
+        affiliate_id: r.get(15)?,
+        goal: r.get(16)?,
+        last_outcome: r.get(17)?,
+        attempt_log: Vec::new(),
+    })
+}
+
+/// Filters for the delivery log; every one that is set must hold.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryQuery {
+    pub transaction_id: Option<String>,
+    pub clickid: Option<String>,
+    pub offer: Option<String>,
+    pub affiliate: Option<String>,
+    pub goal: Option<String>,
+    /// Only these postbacks (an affiliate's token sees its own only). `None`: all.
+    pub postbacks: Option<Vec<String>>,
+    pub status: Option<String>,
+    pub state: Option<State>,
+    pub outcome: Option<String>,
+    /// Created at or after (unix ms).
+    pub since: Option<i64>,
+    /// Created before (unix ms).
+    pub until: Option<i64>,
+    /// Older than this id (the cursor of the previous page).
+    pub before_id: Option<i64>,
+    pub limit: usize,
+}
+
+/// A page of deliveries, newest first, and the cursor of the next page if there is one.
+pub(super) fn deliveries(
+    c: &Connection,
+    q: &DeliveryQuery,
+) -> rusqlite::Result<(Vec<DeliveryRow>, Option<i64>)> {
+    let mut sql = format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE 1 = 1");
+    let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+    let mut eq = |sql: &mut String, col: &str, v: &Option<String>| {
+        if let Some(v) = v {
+            args.push(Box::new(v.clone()));
+            sql.push_str(&format!(" AND {col} = ?{}", args.len()));
+        }
+    };
+    eq(&mut sql, "transaction_id", &q.transaction_id);
+    eq(&mut sql, "clickid", &q.clickid);
+    eq(&mut sql, "offer_id", &q.offer);
+    eq(&mut sql, "affiliate_id", &q.affiliate);
+    eq(&mut sql, "goal", &q.goal);
+    eq(&mut sql, "status", &q.status);
+    eq(&mut sql, "last_outcome", &q.outcome);
+    if let Some(p) = &q.postbacks {
+        args.push(Box::new(serde_json::to_string(p).unwrap_or_default()));
+        sql.push_str(&format!(
+            " AND postback_id IN (SELECT value FROM json_each(?{}))",
+            args.len()
+        ));
+    }
+    for (col, op, v) in [
+        ("state", "=", q.state.map(State::code)),
+        ("created_at", ">=", q.since),
+        ("created_at", "<", q.until),
+        ("id", "<", q.before_id),
+    ] {
+        if let Some(v) = v {
+            args.push(Box::new(v));
+            sql.push_str(&format!(" AND {col} {op} ?{}", args.len()));
+        }
+    }
+    let limit = q.limit.clamp(1, 1000);
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", limit + 1));
+    let mut st = c.prepare(&sql)?;
+    let mut rows: Vec<DeliveryRow> = st
+        .query_map(
+            rusqlite::params_from_iter(args.iter().map(|a| a.as_ref())),
+            delivery_row,
+        )?
+        .collect::<Result<_, _>>()?;
+    let next = (rows.len() > limit).then(|| {
+        rows.truncate(limit);
+        rows.last().map(|r| r.id).unwrap_or_default()
+    });
+    Ok((rows, next))
+}
+
+/// One received event as the log shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRow {
+    pub id: String,
+    pub received_at: i64,
+    pub source: String,
+    pub kind: String,
+    pub clickid: Option<String>,
+    pub transaction_id: Option<String>,
+    pub offer_id: Option<String>,
+    pub affiliate_id: Option<String>,
+    /// The event as received (after field mapping), secrets removed.
+    pub event: serde_json::Value,
+    /// The postbacks it matched.
+    pub matched: serde_json::Value,
+}
+
+/// Filters for the event log.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    pub source: Option<String>,
+    pub kind: Option<String>,
+    pub clickid: Option<String>,
+    pub transaction_id: Option<String>,
+    pub offer: Option<String>,
+    pub affiliate: Option<String>,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub before_rowid: Option<i64>,
+    pub limit: usize,
+}
+
+/// A page of received events, newest first, and the next page's cursor.
+pub(super) fn events(
+    c: &Connection,
+    q: &EventQuery,
+) -> rusqlite::Result<(Vec<EventRow>, Option<i64>)> {
+    let mut sql = String::from(
+        "SELECT rowid, id, received_at, source, kind, clickid, transaction_id, offer_id,
+                affiliate_id, event, matched FROM events WHERE 1 = 1",
+    );
+    let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+    for (col, v) in [
+        ("source", &q.source),
+        ("kind", &q.kind),
+        ("clickid", &q.clickid),
+        ("transaction_id", &q.transaction_id),
+        ("offer_id", &q.offer),
+        ("affiliate_id", &q.affiliate),
+    ] {
+        if let Some(v) = v {
+            args.push(Box::new(v.clone()));
+            sql.push_str(&format!(" AND {col} = ?{}", args.len()));
+        }
+    }
+    for (col, op, v) in [
+        ("received_at", ">=", q.since),
+        ("received_at", "<", q.until),
+        ("rowid", "<", q.before_rowid),
+    ] {
+        if let Some(v) = v {
+            args.push(Box::new(v));
+            sql.push_str(&format!(" AND {col} {op} ?{}", args.len()));
+        }
+    }
+    let limit = q.limit.clamp(1, 1000);
+    sql.push_str(&format!(" ORDER BY rowid DESC LIMIT {}", limit + 1));
+    let mut st = c.prepare(&sql)?;
+    let mut rows: Vec<(i64, EventRow)> = st
+        .query_map(
+            rusqlite::params_from_iter(args.iter().map(|a| a.as_ref())),
+            |r| {
+                let event: String = r.get(9)?;
+                let matched: String = r.get(10)?;
+                Ok((
+                    r.get(0)?,
+                    EventRow {
+                        id: r.get(1)?,
+                        received_at: r.get(2)?,
+                        source: r.get(3)?,
+                        kind: r.get(4)?,
+                        clickid: r.get(5)?,
+                        transaction_id: r.get(6)?,
+                        offer_id: r.get(7)?,
+                        affiliate_id: r.get(8)?,
+                        event: serde_json::from_str(&event).unwrap_or_default(),
+                        matched: serde_json::from_str(&matched).unwrap_or_default(),
+                    },
+                ))
+            },
+        )?
+        .collect::<Result<_, _>>()?;
+    let next = (rows.len() > limit).then(|| {
+        rows.truncate(limit);
+        rows.last().map(|r| r.0).unwrap_or_default()
+    });
+    Ok((rows.into_iter().map(|r| r.1).collect(), next))
 }

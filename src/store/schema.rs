@@ -91,6 +91,16 @@ const V3: &str = "
 CREATE INDEX IF NOT EXISTS deliveries_lane ON deliveries(state, (attempts > 0), due_at);
 ";
 
+/// The delivery log's search: the last attempt's result class, and lookups by the ids an
+/// affiliate manager asks about.
+const V4: &str = "
+ALTER TABLE deliveries ADD COLUMN last_outcome TEXT;
+CREATE INDEX IF NOT EXISTS deliveries_txid ON deliveries(transaction_id);
+CREATE INDEX IF NOT EXISTS deliveries_clickid ON deliveries(clickid);
+CREATE INDEX IF NOT EXISTS events_txid ON events(transaction_id);
+CREATE INDEX IF NOT EXISTS events_clickid ON events(clickid);
+";
+
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version < 1 {
@@ -104,6 +114,10 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if version < 3 {
         conn.execute_batch(V3)?;
         conn.pragma_update(None, "user_version", 3)?;
+    }
+    if version < 4 {
+        conn.execute_batch(V4)?;
+        conn.pragma_update(None, "user_version", 4)?;
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ mod delivery;
 mod disk;
 mod durability;
 mod e2e;
+mod log;
 mod metrics;
 mod reload;
 mod rules;
