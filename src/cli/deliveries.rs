@@ -107,15 +107,8 @@ impl Filters {
 }
 
 pub fn main(d: Deliveries) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
+    let Some(rt) = super::runtime() else {
+        return ExitCode::from(1);
     };
     match rt.block_on(run(d)) {
         Ok(text) => {

@@ -168,6 +168,15 @@ fn run(opts: crate::Options) -> ExitCode {
     }
 }
 
+/// A single-threaded runtime for a command; says why if there is none.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .inspect_err(|e| eprintln!("error: cannot start runtime: {e}"))
+        .ok()
+}
+
 fn init_logging(json: bool, level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("POSTBACKD_LOG")
@@ -186,15 +195,8 @@ fn init_logging(json: bool, level: &str) {
 fn sink(listen: SocketAddr) -> ExitCode {
     use axum::body::Bytes;
     use axum::http::{HeaderMap, Method, Uri};
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
+    let Some(rt) = runtime() else {
+        return ExitCode::from(1);
     };
     rt.block_on(async move {
         let app = axum::Router::new().fallback(

@@ -131,15 +131,8 @@ pub fn fire(
         println!("nothing fires");
         return ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
+    let Some(rt) = super::runtime() else {
+        return ExitCode::from(1);
     };
     let client = crate::deliver::client(&plan.settings.delivery.user_agent);
     let mut failed = false;

@@ -120,7 +120,7 @@ impl Claimed {
 }
 
 /// One attempt, for the delivery log.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Attempt {
     pub started_at: i64,
     pub duration_ms: i64,

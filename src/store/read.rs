@@ -1,6 +1,6 @@
 //! Reads for the delivery log, on the read-only connection.
 
-use super::State;
+use super::{Attempt, State};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
@@ -29,20 +29,12 @@ pub struct DeliveryRow {
     pub attempt_log: Vec<AttemptRow>,
 }
 
-/// One attempt as the log shows it.
+/// One attempt as the log shows it: its number, then what was recorded.
 #[derive(Debug, Clone, Serialize)]
 pub struct AttemptRow {
     pub attempt: u32,
-    pub started_at: i64,
-    pub duration_ms: i64,
-    pub method: String,
-    pub url: String,
-    pub request_body: Option<String>,
-    pub response_status: Option<u16>,
-    pub response_body: Option<String>,
-    pub error: Option<String>,
-    pub outcome: String,
-    pub config_version: String,
+    #[serde(flatten)]
+    pub recorded: Attempt,
 }
 
 pub(super) fn delivery(c: &Connection, id: i64) -> rusqlite::Result<Option<DeliveryRow>> {
@@ -67,16 +59,18 @@ pub(super) fn delivery(c: &Connection, id: i64) -> rusqlite::Result<Option<Deliv
         .query_map(params![id], |r| {
             Ok(AttemptRow {
                 attempt: r.get(0)?,
-                started_at: r.get(1)?,
-                duration_ms: r.get(2)?,
-                method: r.get(3)?,
-                url: r.get(4)?,
-                request_body: r.get(5)?,
-                response_status: r.get(6)?,
-                response_body: r.get(7)?,
-                error: r.get(8)?,
-                outcome: r.get(9)?,
-                config_version: r.get(10)?,
+                recorded: Attempt {
+                    started_at: r.get(1)?,
+                    duration_ms: r.get(2)?,
+                    method: r.get(3)?,
+                    url: r.get(4)?,
+                    request_body: r.get(5)?,
+                    response_status: r.get(6)?,
+                    response_body: r.get(7)?,
+                    error: r.get(8)?,
+                    outcome: r.get(9)?,
+                    config_version: r.get(10)?,
+                },
             })
         })?
         .collect::<Result<_, _>>()?;
