@@ -421,6 +421,8 @@ impl Compiler {
         let (line, column, first) = yaml_message(&e);
         let hint = if first.contains("unknown field") {
             Some("check the spelling; README.md lists every key".to_string())
+        } else if first.contains("budget breached") {
+            Some("one file may hold at most 250,000 YAML nodes (roughly 25,000 postbacks): split the rules into several files".to_string())
         } else {
             None
         };

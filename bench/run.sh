@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# The benchmark suite. Every figure is measured next to a baseline started in the same run
+# and reported as a ratio, because absolute numbers drift on shared machines.
+#
+#   bash bench/run.sh            # the full suite, release build (a few minutes)
+#   bash bench/run.sh --smoke    # a short run on the debug build: checks that it works
+#
+# Needs wrk (apt-get install wrk). Everything runs on loopback.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+smoke=0; [[ ${1:-} == --smoke ]] && smoke=1
+if (( smoke )); then
+  profile=debug; secs=2; rate=300; lat_secs=2; rules=(10 1000); backlog=5000; reload_sizes=(100 1000)
+  cargo build -q --bins
+else
+  profile=release; secs=10; rate=5000; lat_secs=10; rules=(10 1000 100000); backlog=1000000; reload_sizes=(1000 10000)
+  cargo build -q --release --bins
+fi
+command -v wrk >/dev/null || { echo "wrk is required: apt-get install -y wrk" >&2; exit 1; }
+bin=target/$profile/postbackd
+tool=target/$profile/postbackd-bench
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; [[ -n ${KEEP:-} ]] || rm -rf "$work"' EXIT
+
+base=$((20000 + RANDOM % 20000))
+port() { echo $((base + $1)); }
+SINK=127.0.0.1:$(port 0); BARE=127.0.0.1:$(port 1); DAEMON=127.0.0.1:$(port 2); FWD=127.0.0.1:$(port 3)
+
+wait_http() { for _ in $(seq 1 1200); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done; echo "not up: $1" >&2; return 1; }
+rss_mib() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+json() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
+wrk_rate() { # url [script] -> requests/s
+  wrk -t2 -c64 -d"${secs}s" -s bench/unique.lua "$1" | awk '/Requests\/sec/ {print $2}'
+}
+row() { printf '%-58s %14s %8s\n' "$@"; }
+
+# A rule set: `n` postbacks spread over n/10 offers (10 per offer), each with a condition no
+# test event meets, plus one `tracker` postback on offer 1 that every test event fires.
+rules_dir() { # dir n destination
+  mkdir -p "$1"
+  python3 - "$1" "$2" "$3" <<'PY'
+import sys
+root, n, dest = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+offers = max(1, n // 10)
+with open(f"{root}/offers.yaml", "w") as f:
+    f.write("offers:\n")
+    for o in range(1, offers + 1):
+        f.write(f"  - id: {o}\n")
+with open(f"{root}/rules.yaml", "w") as f:
+    f.write("postbacks:\n")
+    f.write(f'  - id: tracker\n    trigger: conversion\n    offers: [1]\n    http: {{ url: "http://{dest}/pb?cid={{clickid}}&sum={{payout}}&t={{{{ params.t | default(\'\') }}}}" }}\n')
+# The others in files of 1,000, as a rules repository would split them.
+for start in range(0, n - 1, 1000):
+    with open(f"{root}/rules-{start // 1000:04}.yaml", "w") as f:
+        f.write("postbacks:\n")
+        for i in range(start, min(start + 1000, n - 1)):
+            f.write(f'  - id: pb-{i}\n    trigger: conversion\n    offers: [{i % offers + 1}]\n    when: {{ sub1: "s{i}" }}\n    http: {{ url: "http://{dest}/pb/{i}?cid={{clickid}}" }}\n')
+PY
+}
+
+start_daemon() { # dir data [extra args]
+  POSTBACKD_LOG=warn "$bin" run "$1" --listen "$DAEMON" --data-dir "$2" --no-watch "${@:3}" 2>>"$work/daemon.log" &
+  daemon_pid=$!
+  wait_http "http://$DAEMON/-/ready"
+}
+stop_daemon() { kill -TERM "$daemon_pid" 2>/dev/null || true; wait "$daemon_pid" 2>/dev/null || true; }
+sink_stats() { curl -s "http://$SINK/__stats"; }
+
+"$tool" sink --listen "$SINK" & wait_http "http://$SINK/__stats" >/dev/null
+"$tool" sink --listen "$BARE" &
+"$tool" forward --listen "$FWD" --to "http://$SINK/pb" &
+wait_http "http://$BARE/__stats"
+
+echo "postbackd benchmark suite ($profile build, $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ))"
+echo
+row "measure" "value" "ratio"
+
+# --- Ingest -------------------------------------------------------------------------------
+mkdir -p "$work/none"; echo "postbacks: []" > "$work/none/rules.yaml"
+rules_dir "$work/one" 1 "$SINK"
+b1=$(wrk_rate "http://$BARE")
+row "baseline 1: bare HTTP server, req/s" "$b1" "1.00"
+start_daemon "$work/none" "$work/d-none"
+r=$(wrk_rate "http://$DAEMON/postback"); stop_daemon
+row "ingest, durable ack, nothing matched, req/s" "$r" "$(ratio "$r" "$b1")"
+start_daemon "$work/one" "$work/d-one"
+r=$(wrk_rate "http://$DAEMON/postback"); stop_daemon
+row "ingest, durable ack, 1 postback queued, req/s" "$r" "$(ratio "$r" "$b1")"
+sink_stats >/dev/null
+
+# --- End to end ---------------------------------------------------------------------------
+# Throughput: wrk drives conversions in; the rate is postbacks received at the sink, from the
+# first to the last (the queue is drained before the count is taken).
+e2e_rate() { # url -> received per second, counting until the sink has everything
+  local out total first=0 last=0 count=0 s c f l
+  sink_stats >/dev/null
+  out=$(wrk -t2 -c64 -d"${secs}s" -s bench/unique.lua "$1")
+  total=$(echo "$out" | awk '/requests in/ {print $1}')
+  for _ in $(seq 1 1200); do
+    s=$(sink_stats)
+    c=$(echo "$s" | json '["count"]'); f=$(echo "$s" | json '["first_us"]'); l=$(echo "$s" | json '["last_us"]')
+    count=$((count + c)); (( first == 0 && f > 0 )) && first=$f; (( l > last )) && last=$l
+    (( count >= total )) && break
+    sleep 0.25
+  done
+  python3 -c "print(round($count / max(1e-6, ($last - $first) / 1e6)))"
+}
+b2=$(e2e_rate "http://$FWD")
+row "baseline 2: bare forwarder to the sink, postbacks/s" "$b2" "1.00"
+start_daemon "$work/one" "$work/d-e2e"
+r=$(e2e_rate "http://$DAEMON/postback")
+row "end to end, postbacks received/s" "$r" "$(ratio "$r" "$b2")"
+
+# Latency at a fixed rate: the sink measures from the send time each request carries.
+latency() { # url -> "p50 p99" in ms
+  sink_stats >/dev/null
+  "$tool" load --url "$1" --rate "$rate" --secs "$lat_secs" > "$work/load.json"
+  sleep 1
+  sink_stats | python3 -c "import json,sys; s=json.load(sys.stdin); print(f\"{s['p50_us']/1000:.2f} {s['p99_us']/1000:.2f}\")"
+}
+read -r bp50 bp99 < <(latency "http://$FWD")
+read -r p50 p99 < <(latency "http://$DAEMON/postback")
+stop_daemon
+row "baseline 2 latency at $rate/s, p50 / p99 ms" "$bp50 / $bp99" ""
+row "end to end latency at $rate/s, p50 / p99 ms" "$p50 / $p99" ""
+
+# --- Rule count ---------------------------------------------------------------------------
+first=""
+for n in "${rules[@]}"; do
+  rules_dir "$work/rules-$n" "$n" "$SINK"
+  start_daemon "$work/rules-$n" "$work/d-rules-$n"
+  r=$(wrk_rate "http://$DAEMON/postback")
+  rss=$(rss_mib "$daemon_pid")
+  stop_daemon
+  [[ -z $first ]] && first=$r
+  row "ingest with $n postbacks loaded, req/s (RSS $rss MiB)" "$r" "$(ratio "$r" "$first")"
+done
+
+# --- Reload -------------------------------------------------------------------------------
+for n in "${reload_sizes[@]}"; do
+  dir=$work/reload-$n; rules_dir "$dir" "$n" "$SINK"
+  start_daemon "$dir" "$work/d-reload-$n"
+  times=()
+  for k in 1 2 3 4 5; do
+    echo "# $k" >> "$dir/rules.yaml"
+    times+=("$(curl -s -X POST "http://$DAEMON/-/reload" | json '["took_ms"]')")
+  done
+  median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n 3p)
+  ( end=$((SECONDS + secs)); k=0
+    while (( SECONDS < end )); do
+      k=$((k + 1)); echo "# load $k" >> "$dir/rules.yaml"
+      curl -s -o /dev/null -X POST "http://$DAEMON/-/reload"; sleep 0.2
+    done ) &
+  reloader=$!
+  out=$(wrk -t2 -c32 -d"${secs}s" -s bench/unique.lua "http://$DAEMON/postback")
+  wait $reloader
+  total=$(echo "$out" | awk '/requests in/ {print $1}')
+  non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+  sockerr=$(echo "$out" | awk '/Socket errors/ {gsub(",",""); print $4+$6+$8+$10}')
+  stop_daemon
+  row "reload of $n postbacks, ms (median of 5)" "$median" ""
+  row "  webhooks failed while reloading 5/s under load" "$(( ${non2xx:-0} + ${sockerr:-0} )) of $total" ""
+done
+
+# --- Memory and backlog -------------------------------------------------------------------
+n=$(( smoke ? 1000 : 10000 ))
+rules_dir "$work/mem" "$n" "$SINK"
+start_daemon "$work/mem" "$work/d-mem"; sleep 1
+row "idle RSS with $n postbacks, MiB" "$(rss_mib "$daemon_pid")" ""
+stop_daemon
+
+# The destination is down (nothing listens): the backlog builds, then the sink comes up.
+DOWN=127.0.0.1:$(port 4)
+mkdir -p "$work/backlog"
+cat > "$work/backlog/rules.yaml" <<YAML
+postbacks:
+  - id: tracker
+    trigger: conversion
+    retry: [2s, 2s, 2s, 2s, 2s, 2s, 2s, 2s, 2s, 2s, 2s, 2s, 2s, 2s, 2s, 2s, 2s, 2s, 2s, 2s]
+    http: { url: "http://$DOWN/pb?cid={clickid}" }
+YAML
+start_daemon "$work/backlog" "$work/d-backlog"
+acked=$("$tool" batches --url "http://$DAEMON/v1/events" --events "$backlog" | json '["acked"]')
+sleep 2
+row "deliveries queued while the destination is down" "$acked" ""
+row "  RSS with them queued, MiB" "$(rss_mib "$daemon_pid")" ""
+"$tool" sink --listen "$DOWN" &
+down_sink=$!
+wait_http "http://$DOWN/__stats"
+curl -s "http://$DOWN/__stats" >/dev/null
+sleep "$secs"
+drained=$(curl -s "http://$DOWN/__stats" | json '["count"]')
+row "  drain rate once it is back, postbacks/s (per_destination 8)" "$(( drained / secs ))" ""
+stop_daemon
+kill "$down_sink" 2>/dev/null || true
