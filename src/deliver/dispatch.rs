@@ -10,10 +10,19 @@
 use super::gate::Gate;
 use super::Deliverer;
 use crate::store::{ClaimSpec, Claimed, Lane};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+
+/// What a running attempt tells the loop.
+enum Done {
+    /// The destination answered (or the attempt ended before sending): its slot is free.
+    Released(Lane, String),
+    /// The outcome is in the store: the delivery may be claimed again (if it is to be retried).
+    Recorded(i64),
+}
 
 /// Claimed deliveries waiting for a slot: per destination, first attempts and retries.
 #[derive(Default)]
@@ -43,6 +52,10 @@ impl Waiting {
     fn is_empty(&self) -> bool {
         self.counts == [0, 0]
     }
+
+    fn total(&self) -> usize {
+        self.counts[0] + self.counts[1]
+    }
 }
 
 impl Deliverer {
@@ -51,29 +64,37 @@ impl Deliverer {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>, grace: Duration) {
         let mut gate = Gate::default();
         let mut waiting = Waiting::default();
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(Lane, String)>();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         let mut tasks = JoinSet::new();
+        // Claimed and not yet recorded: the store still has them pending, so claims leave
+        // them out.
+        let mut held: HashSet<i64> = HashSet::new();
         let mut claim_failing = false;
         // Claim when new work was committed, a due time passed, or an attempt ended while
         // the last claim left due work behind (a full destination, a full lane).
         let mut need_claim = true;
+        let mut woken = true;
         let mut left_behind = false;
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            while let Ok((lane, dest)) = done_rx.try_recv() {
-                gate.release(lane, &dest);
-                need_claim |= left_behind;
+            while let Ok(done) = done_rx.try_recv() {
+                need_claim |= self.ended(done, &mut gate, &mut held) && left_behind;
             }
+            // Claims come in batches: after an attempt ends, only once fewer deliveries wait
+            // in memory than are in flight (new work, a due time or a timer claim at once).
+            let refill = waiting.total() < gate.inflight().max(1);
             while tasks.try_join_next().is_some() {}
             let plan = self.plan.load_full();
             let settings = &plan.settings.delivery;
 
-            if need_claim {
+            if need_claim && (refill || woken) {
                 need_claim = false;
+                woken = false;
                 let destinations = plan.destinations();
                 let mut lane_full = false;
+                let held_ids = Arc::new(held.iter().copied().collect::<Vec<_>>());
                 let specs: Vec<ClaimSpec> = [Lane::Fresh, Lane::Retry]
                     .into_iter()
                     .filter_map(|lane| {
@@ -86,6 +107,7 @@ impl Deliverer {
                             limit: limit.min(512),
                             caps,
                             plan: plan.clone(),
+                            held: held_ids.clone(),
                         })
                     })
                     .collect();
@@ -103,7 +125,21 @@ impl Deliverer {
                             left_behind |= claims.iter().any(|c| c.more);
                             for c in claims {
                                 for d in c.claimed {
+                                    held.insert(d.id);
                                     waiting.push(d);
+                                }
+                                for id in c.unreadable {
+                                    held.insert(id);
+                                    let (me, done) = (self.clone(), done_tx.clone());
+                                    tasks.spawn(async move {
+                                        let dead = super::Decision {
+                                            attempt: None,
+                                            next: crate::store::Next::Dead,
+                                            reason: Some("the stored event cannot be read".into()),
+                                        };
+                                        me.record(id, dead).await;
+                                        let _ = done.send(Done::Recorded(id));
+                                    });
                                 }
                             }
                         }
@@ -133,12 +169,17 @@ impl Deliverer {
                 wait = wait.min(t.max(Duration::from_millis(1)));
             }
             tokio::select! {
-                Some((lane, dest)) = done_rx.recv() => {
-                    gate.release(lane, &dest);
-                    need_claim |= left_behind;
+                Some(done) = done_rx.recv() => {
+                    need_claim |= self.ended(done, &mut gate, &mut held) && left_behind;
                 }
-                _ = self.store.wake.notified() => need_claim = true,
-                _ = tokio::time::sleep(wait) => need_claim = true,
+                _ = self.store.wake.notified() => {
+                    need_claim = true;
+                    woken = true;
+                }
+                _ = tokio::time::sleep(wait) => {
+                    need_claim = true;
+                    woken = true;
+                }
                 _ = shutdown.changed() => {}
             }
         }
@@ -153,6 +194,20 @@ impl Deliverer {
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     }
 
+    /// Books what an attempt reported; true when a slot was freed.
+    fn ended(&self, done: Done, gate: &mut Gate, held: &mut HashSet<i64>) -> bool {
+        match done {
+            Done::Released(lane, dest) => {
+                gate.release(lane, &dest);
+                true
+            }
+            Done::Recorded(id) => {
+                held.remove(&id);
+                false
+            }
+        }
+    }
+
     /// Starts every waiting delivery the gate lets through. Each lane first uses its own
     /// share; then idle slots go to whichever lane still has deliveries waiting.
     fn start_waiting(
@@ -160,7 +215,7 @@ impl Deliverer {
         gate: &mut Gate,
         waiting: &mut Waiting,
         tasks: &mut JoinSet<()>,
-        done: &mpsc::UnboundedSender<(Lane, String)>,
+        done: &mpsc::UnboundedSender<Done>,
     ) {
         if waiting.is_empty() {
             return;
@@ -200,8 +255,9 @@ impl Deliverer {
                     super::observe(&d, &decision);
                     // The destination's slot is free once it has answered; recording the
                     // outcome is the store's business and need not hold the slot.
-                    let _ = done.send((lane, dest));
+                    let _ = done.send(Done::Released(lane, dest));
                     me.record(d.id, decision).await;
+                    let _ = done.send(Done::Recorded(d.id));
                 });
             }
         }

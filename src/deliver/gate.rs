@@ -65,15 +65,11 @@ fn lane_room(capacity: usize, inflight: [usize; 2], lane: Lane) -> usize {
     share.saturating_sub(inflight[ix(lane)]).min(free)
 }
 
-/// Deliveries of one lane to claim ahead of the slots: twice the lane's share (at least
-/// two), so a freed slot is filled from memory without waiting for the store.
-fn claim_target(capacity: usize, lane: Lane) -> usize {
-    let reserve = retry_reserve(capacity);
-    let share = match lane {
-        Lane::Retry => reserve,
-        Lane::Fresh | Lane::Any => capacity - reserve,
-    };
-    2 * share.max(1)
+/// Deliveries of one lane to hold claimed (in flight or waiting in memory): twice the
+/// capacity, whatever the lane's share. A lane with no competition may then fill every slot
+/// by borrowing; the reserve is applied when deliveries start, not when they are claimed.
+fn claim_target(capacity: usize) -> usize {
+    2 * capacity.max(1)
 }
 
 impl Gate {
@@ -124,13 +120,13 @@ impl Gate {
         buffered: impl Fn(Option<&str>) -> usize,
     ) -> (usize, HashMap<String, usize>) {
         let held = |inflight: [usize; 2], waiting: usize| inflight[ix(lane)] + waiting;
-        let global = claim_target(settings.concurrency, lane)
-            .saturating_sub(held(self.inflight, buffered(None)));
+        let global =
+            claim_target(settings.concurrency).saturating_sub(held(self.inflight, buffered(None)));
         let caps = destinations
             .iter()
             .map(|d| {
                 let inflight = self.dests.get(d).map(|s| s.inflight).unwrap_or_default();
-                let cap = claim_target(settings.concurrency_for(d), lane)
+                let cap = claim_target(settings.concurrency_for(d))
                     .saturating_sub(held(inflight, buffered(Some(d))));
                 (d.clone(), cap)
             })
@@ -226,20 +222,20 @@ mod tests {
         let s = settings(8, 4);
         let mut g = Gate::default();
         let dests = vec!["a".to_string(), "b".to_string()];
+        // Twice the capacity per lane: 16 globally, 8 per destination.
         let (global, caps) = g.claim_quota(&s, &dests, Lane::Fresh, |_| 0);
-        // Fresh share: 6 of 8 globally, 3 of 4 per destination; twice that ahead.
-        assert_eq!((global, caps["a"], caps["b"]), (12, 6, 6));
+        assert_eq!((global, caps["a"], caps["b"]), (16, 8, 8));
         let (global, caps) = g.claim_quota(&s, &dests, Lane::Retry, |_| 0);
-        assert_eq!((global, caps["a"]), (4, 2));
+        assert_eq!((global, caps["a"]), (16, 8));
         g.take(Lane::Fresh, "a");
         let (global, caps) =
             g.claim_quota(
                 &s,
                 &dests,
                 Lane::Fresh,
-                |d| if d == Some("b") { 6 } else { 5 },
+                |d| if d == Some("b") { 8 } else { 7 },
             );
-        assert_eq!((global, caps["a"], caps["b"]), (6, 0, 0));
+        assert_eq!((global, caps["a"], caps["b"]), (8, 0, 0));
     }
 
     #[test]

@@ -250,17 +250,13 @@ impl Store {
         Ok(a)
     }
 
-    /// Marks due deliveries in flight and returns them (see [`ClaimSpec`]). A delivery waits
-    /// while an earlier delivery of the same postback for the same conversion is unfinished.
-    ///
-    /// Claims are not synced on their own: a claim lost in a crash leaves its deliveries
-    /// pending, which is what start-up makes of in-flight deliveries anyway.
-    /// Several specs are claimed in order, in one transaction.
+    /// Finds due deliveries (see [`ClaimSpec`]), several specs in order. A claim is a read:
+    /// what the dispatcher holds lives in its memory and is left out of the next claim, and
+    /// a delivery waits while an earlier delivery of the same postback for the same
+    /// conversion is unfinished. Claims never wait for the writer.
     pub async fn claim(&self, specs: Vec<ClaimSpec>) -> Result<Vec<Claim>, StoreError> {
-        self.call_with(false, move |c| {
-            specs.iter().map(|s| ops::claim(c, s)).collect()
-        })
-        .await
+        self.read(move |c| specs.iter().map(|s| ops::claim(c, s)).collect())
+            .await
     }
 
     /// Records an attempt (if any) and the delivery's next state.
@@ -272,8 +268,13 @@ impl Store {
         reason: Option<String>,
     ) -> Result<(), StoreError> {
         let retry = matches!(next, Next::Retry { .. });
+        // Not synced on its own: a crash of the process keeps it (the OS has it), and the next
+        // synced commit covers it. Only a power loss can lose it, and then the delivery is
+        // sent again: at least once still holds.
         let unblocked = self
-            .call(move |c| ops::finish(c, id, attempt.as_ref(), &next, reason.as_deref()))
+            .call_with(false, move |c| {
+                ops::finish(c, id, attempt.as_ref(), &next, reason.as_deref())
+            })
             .await?;
         if retry || unblocked {
             self.wake.notify_one();
@@ -285,8 +286,7 @@ impl Store {
     /// already due but not claimed are waiting on a slot or an earlier delivery, and the end
     /// of an attempt, not the clock, is what lets them go.
     pub async fn next_due(&self, after: i64) -> Result<Option<i64>, StoreError> {
-        self.call_with(false, move |c| ops::next_due(c, after))
-            .await
+        self.read(move |c| ops::next_due(c, after)).await
     }
 
     /// Deletes one slice of what is older than `before` (unix ms); returns the rows deleted.

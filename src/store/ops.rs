@@ -116,20 +116,25 @@ pub enum Lane {
 }
 
 /// One claim: up to `limit` due deliveries of `lane`, and at most `caps[d]` for each
-/// destination `d` (a destination missing from `caps` has no cap of its own).
+/// destination `d` (a destination missing from `caps` has no cap of its own), leaving out
+/// the deliveries the dispatcher already holds.
 pub struct ClaimSpec {
     pub now: i64,
     pub lane: Lane,
     pub limit: usize,
     pub caps: HashMap<String, usize>,
     pub plan: Arc<Plan>,
+    /// Ids claimed before and not yet recorded as finished or rescheduled.
+    pub held: Arc<Vec<i64>>,
 }
 
-/// What a claim found: the deliveries now in flight, and whether more were due than it
-/// could take (a limit or a cap was reached).
+/// What a claim found: the deliveries to send, whether more were due than it could take (a
+/// limit or a cap was reached), and rows whose stored event cannot be read (to be recorded
+/// dead rather than retried forever).
 pub struct Claim {
     pub claimed: Vec<Claimed>,
     pub more: bool,
+    pub unreadable: Vec<i64>,
 }
 
 pub(super) fn claim(c: &Connection, spec: &ClaimSpec) -> rusqlite::Result<Claim> {
@@ -154,9 +159,10 @@ pub(super) fn claim(c: &Connection, spec: &ClaimSpec) -> rusqlite::Result<Claim>
         .map(|p| p.id.as_str())
         .collect();
     let mut caps = spec.caps.clone();
-    let scan = (spec.limit * 4 + 64) as i64;
+    let scan = (spec.limit * 4 + 64 + spec.held.len()) as i64;
     let mut st = c.prepare_cached(sql)?;
-    let rows = st.query_map(params![spec.now, to_json(&blocked), scan], |r| {
+    let held = to_json(&*spec.held);
+    let rows = st.query_map(params![spec.now, to_json(&blocked), scan, held], |r| {
         Ok((
             r.get::<_, i64>(0)?,
             r.get::<_, String>(1)?,
@@ -169,9 +175,8 @@ pub(super) fn claim(c: &Connection, spec: &ClaimSpec) -> rusqlite::Result<Claim>
         ))
     })?;
     let mut out = Vec::new();
+    let mut unreadable = Vec::new();
     let mut more = false;
-    let mut upd =
-        c.prepare_cached("UPDATE deliveries SET state = 1, updated_at = ?2 WHERE id = ?1")?;
     for row in rows {
         if out.len() >= spec.limit {
             more = true;
@@ -187,11 +192,9 @@ pub(super) fn claim(c: &Connection, spec: &ClaimSpec) -> rusqlite::Result<Claim>
             *cap -= 1;
         }
         let Ok(event) = serde_json::from_str::<Event>(&event) else {
-            // A row we cannot read is dead rather than retried forever.
-            c.execute("UPDATE deliveries SET state = 3, last_error = 'stored event is unreadable' WHERE id = ?1", [id])?;
+            unreadable.push(id);
             continue;
         };
-        upd.execute(params![id, spec.now])?;
         out.push(Claimed {
             id,
             postback_id,
@@ -207,18 +210,24 @@ pub(super) fn claim(c: &Connection, spec: &ClaimSpec) -> rusqlite::Result<Claim>
     // A destination left out because it is full may have due work: say there is more, so
     // the dispatcher claims again when an attempt ends.
     more |= !blocked.is_empty();
-    Ok(Claim { claimed: out, more })
+    Ok(Claim {
+        claimed: out,
+        more,
+        unreadable,
+    })
 }
 
 macro_rules! claim_sql {
     ($lane:literal) => {
         concat!(
             "SELECT d.id, d.postback_id, d.offer, d.event, d.attempts, d.created_at, d.delayed,
-                    (SELECT event FROM conversions WHERE key = d.conv_key)
+                    CASE WHEN d.delayed AND d.attempts = 0
+                         THEN (SELECT event FROM conversions WHERE key = d.conv_key) END
              FROM deliveries d
              WHERE d.state = 0 AND d.due_at <= ?1 ",
             $lane,
-            " AND d.postback_id NOT IN (SELECT value FROM json_each(?2))
+            " AND d.id NOT IN (SELECT value FROM json_each(?4))
+               AND d.postback_id NOT IN (SELECT value FROM json_each(?2))
                AND NOT EXISTS (SELECT 1 FROM deliveries p
                                WHERE p.order_key = d.order_key AND p.id < d.id AND p.state IN (0, 1))
              ORDER BY d.due_at, d.id
