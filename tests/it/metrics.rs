@@ -171,52 +171,45 @@ async fn the_exposition_passes_promtool_and_counts_what_happened() {
     };
     let (ok, said) = promtool_check(&text);
     assert!(ok, "{said}");
-    let v = |s: &str| value(&text, s).unwrap_or(-1.0);
-    assert_eq!(
-        v(
-            r#"postbackd_events_received_total{source="default",kind="conversion",result="accepted"}"#
+    let expected = [
+        (
+            r#"postbackd_events_received_total{source="default",kind="conversion",result="accepted"}"#,
+            1.0,
         ),
-        1.0
-    );
-    assert_eq!(
-        v(
-            r#"postbackd_events_received_total{source="keitaro",kind="conversion",result="accepted"}"#
+        (
+            r#"postbackd_events_received_total{source="keitaro",kind="conversion",result="accepted"}"#,
+            1.0,
         ),
-        1.0
-    );
-    assert_eq!(
-        v(
-            r#"postbackd_events_received_total{source="default",kind="conversion",result="invalid"}"#
+        (
+            r#"postbackd_events_received_total{source="default",kind="conversion",result="invalid"}"#,
+            1.0,
         ),
-        1.0
-    );
-    assert_eq!(
-        v(
-            r#"postbackd_events_received_total{source="unknown",kind="conversion",result="unknown_source"}"#
+        (
+            r#"postbackd_events_received_total{source="unknown",kind="conversion",result="unknown_source"}"#,
+            1.0,
         ),
-        1.0
-    );
-    assert_eq!(
-        v(r#"postbackd_postbacks_matched_total{postback="ok"}"#),
-        2.0
-    );
-    assert_eq!(
-        v(r#"postbackd_attempts_total{postback="ok",result="2xx"}"#),
-        2.0
-    );
-    assert_eq!(
-        v(r#"postbackd_attempts_total{postback="refused",result="4xx"}"#),
-        2.0
-    );
-    assert_eq!(
-        v(r#"postbackd_attempt_duration_seconds_count{postback="ok"}"#),
-        2.0
-    );
-    assert_eq!(
-        v(r#"postbackd_delivery_latency_seconds_count{postback="ok"}"#),
-        2.0
-    );
-    assert_eq!(v("postbackd_queue_pending"), 0.0);
+        (r#"postbackd_postbacks_matched_total{postback="ok"}"#, 2.0),
+        (
+            r#"postbackd_attempts_total{postback="ok",result="2xx"}"#,
+            2.0,
+        ),
+        (
+            r#"postbackd_attempts_total{postback="refused",result="4xx"}"#,
+            2.0,
+        ),
+        (
+            r#"postbackd_attempt_duration_seconds_count{postback="ok"}"#,
+            2.0,
+        ),
+        (
+            r#"postbackd_delivery_latency_seconds_count{postback="ok"}"#,
+            2.0,
+        ),
+    ];
+    for (series, want) in expected {
+        assert_eq!(value(&text, series), Some(want), "{series}\n{text}");
+    }
+    assert_eq!(value(&text, "postbackd_queue_pending"), Some(0.0));
 }
 
 #[tokio::test]
