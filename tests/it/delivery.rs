@@ -125,7 +125,8 @@ async fn retry_after_is_honoured() {
         "retried after {waited:?}"
     );
     assert!(
-        d.logs().contains("outcome=\"4xx\" status=429"),
+        d.wait_log("outcome=\"4xx\" status=429", Duration::from_secs(5))
+            .await,
         "{}",
         d.logs()
     );

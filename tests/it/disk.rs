@@ -86,7 +86,12 @@ async fn a_store_that_cannot_write_answers_503_and_recovers() {
         ["before", "after"],
         "the 503'd webhook was not acknowledged, so not sent"
     );
-    assert!(d.logs().contains("store writes again"), "{}", d.logs());
+    assert!(
+        d.wait_log("store writes again", Duration::from_secs(5))
+            .await,
+        "{}",
+        d.logs()
+    );
 }
 
 /// A store file that is not a database stops the start with the path and the reason, and

@@ -324,7 +324,7 @@ async fn a_dead_destination_is_survived() {
         "{}",
         d.logs()
     );
-    assert!(d.logs().contains("next=\"dead\""));
+    assert!(d.wait_log("next=\"dead\"", WAIT).await, "{}", d.logs());
     let (code, _) = get_json(&d.url("/-/ready")).await;
     assert_eq!(code, 200);
 }

@@ -163,6 +163,8 @@ async fn the_exposition_passes_promtool_and_counts_what_happened() {
                 &t,
                 r#"postbackd_deliveries_total{postback="ok",outcome="delivered"}"#,
             ) == Some(2.0)
+            // Counted when decided, recorded just after: wait for the store too.
+            && value(&t, "postbackd_queue_pending") == Some(0.0)
         {
             break t;
         }

@@ -244,7 +244,10 @@ async fn a_broken_push_is_refused_and_the_old_rules_keep_serving() {
         body["text"].as_str().unwrap().contains("rules.yaml:4:"),
         "{body}"
     );
-    assert!(d.logs().contains("config reload refused"));
+    assert!(
+        d.wait_log("config reload refused", Duration::from_secs(5))
+            .await
+    );
     // Still serving the old rules, still ready.
     let (code, _) = get_json(&d.url("/postback?clickid=old")).await;
     assert_eq!(code, 200);
@@ -493,7 +496,8 @@ async fn the_config_version_carries_the_git_commit_and_authors() {
     let (code, r) = send_json(client().post(d.url("/-/reload")).bearer_auth(TOKEN)).await;
     assert_eq!(code, 200, "{r}");
     assert!(
-        d.logs().contains(&format!("commit={}", &c2[..12])),
+        d.wait_log(&format!("commit={}", &c2[..12]), Duration::from_secs(5))
+            .await,
         "{}",
         d.logs()
     );
