@@ -125,10 +125,15 @@ pub fn register_plan(plan: &Plan) {
     }
 }
 
+/// The result of `n` incoming events.
+pub fn events(source: &str, kind: &str, result: &'static str, n: u64) {
+    metrics::counter!(EVENTS, "source" => source.to_string(), "kind" => kind.to_string(), "result" => result)
+        .increment(n);
+}
+
 /// An incoming event's result.
 pub fn event(source: &str, kind: &str, result: &'static str) {
-    metrics::counter!(EVENTS, "source" => source.to_string(), "kind" => kind.to_string(), "result" => result)
-        .increment(1);
+    events(source, kind, result, 1);
 }
 
 /// What the store and the config look like at scrape time.

@@ -274,8 +274,7 @@ pub async fn events(
         crate::telemetry::event("unknown", "conversion", result_of(r));
     })?;
     let count_bad = |n: usize, result: &'static str| {
-        metrics::counter!(crate::telemetry::EVENTS, "source" => source.id.clone(), "kind" => source.kind.as_str(), "result" => result)
-            .increment(n as u64);
+        crate::telemetry::events(&source.id, source.kind.as_str(), result, n as u64);
     };
     let v: Value = serde_json::from_slice(&body).map_err(|e| {
         count_bad(1, "invalid");

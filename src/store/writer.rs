@@ -66,8 +66,8 @@ where
 }
 
 /// Wraps a closure and its reply channel as a job. A `durable` job is answered only after
-/// its commit is synced to disk; the others (claims, which a restart undoes anyway) may
-/// share a commit that is not synced, which a later synced commit then covers.
+/// its commit is synced to disk; the others (finishes and pruning, which a process crash
+/// cannot lose) may share a commit that is not synced, which a later synced commit covers.
 pub(super) fn job<F, T>(f: F, reply: oneshot::Sender<Result<T, StoreError>>, durable: bool) -> Job
 where
     F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
@@ -121,7 +121,7 @@ impl Writer {
 
     fn run_batch(&mut self, batch: Vec<Job>) {
         // In WAL mode a commit at synchronous=FULL syncs the log up to and including itself,
-        // so skipping the sync for batches of claims only never weakens a durable commit.
+        // so skipping the sync for batches without a durable job never weakens one.
         let durable = !self.health.is_ok() || batch.iter().any(|j| j.durable());
         if durable != self.synced {
             let mode = if durable { "FULL" } else { "OFF" };

@@ -303,26 +303,20 @@ async fn a_real_prometheus_scrapes_the_daemon_and_answers_promql() {
 #[test]
 fn the_shipped_alerting_rules_pass_promtool() {
     let dir = repo().join("monitoring");
-    let out = tool("promtool")
-        .args(["check", "rules"])
-        .arg(dir.join("alerts.yaml"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = tool("promtool")
-        .current_dir(&dir)
-        .args(["test", "rules", "alerts_test.yaml"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for args in [
+        ["check", "rules", "alerts.yaml"],
+        ["test", "rules", "alerts_test.yaml"],
+    ] {
+        let out = tool("promtool")
+            .current_dir(&dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
