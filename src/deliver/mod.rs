@@ -240,19 +240,14 @@ pub async fn send(
 /// Counts an attempt's decision in the metrics: the attempt's result class and duration,
 /// and the delivery's final outcome (with its latency from the webhook) when it has one.
 pub fn observe(d: &Claimed, decision: &Decision) {
-    use crate::telemetry::{ATTEMPTS, ATTEMPT_SECONDS, DELIVERIES, LATENCY_SECONDS};
+    use crate::telemetry::{ATTEMPT_SECONDS, LATENCY_SECONDS};
     let postback = d.postback_id.clone();
     if let Some(a) = &decision.attempt {
         let result = match a.outcome.as_str() {
             "delivered" => "2xx",
-            other => crate::telemetry::RESULTS
-                .iter()
-                .find(|r| **r == other)
-                .copied()
-                .unwrap_or("error"),
+            other => other,
         };
-        metrics::counter!(ATTEMPTS, "postback" => postback.clone(), "result" => result)
-            .increment(1);
+        crate::telemetry::attempt(&postback, result);
         if result != "render_error" {
             metrics::histogram!(ATTEMPT_SECONDS, "postback" => postback.clone())
                 .record(a.duration_ms as f64 / 1000.0);
@@ -264,8 +259,7 @@ pub fn observe(d: &Claimed, decision: &Decision) {
         Next::Cancelled => "cancelled",
         Next::Retry { .. } => return,
     };
-    metrics::counter!(DELIVERIES, "postback" => postback.clone(), "outcome" => outcome)
-        .increment(1);
+    crate::telemetry::delivery(&postback, outcome);
     if outcome == "delivered" {
         let secs = (crate::now_ms() - d.created_at).max(0) as f64 / 1000.0;
         metrics::histogram!(LATENCY_SECONDS, "postback" => postback).record(secs);

@@ -210,7 +210,7 @@ async fn accept(state: AppState, plan: Arc<Plan>, event: Event) -> Result<Value,
             tracing::debug!(event = %a.event_id, %kind, %source, matched = a.matched.len(), queued = a.queued, "event accepted");
             crate::telemetry::event(&source, kind.as_str(), "accepted");
             for m in &a.matched {
-                metrics::counter!(crate::telemetry::MATCHED, "postback" => m.clone()).increment(1);
+                crate::telemetry::matched(m);
             }
             Ok(
                 json!({ "event_id": a.event_id, "matched": a.matched, "queued": a.queued, "deliveries": a.deliveries }),

@@ -3,6 +3,7 @@
 //! Rendering happens when a delivery is attempted, not when the event arrives, so a retry of
 //! a postback whose rule was fixed goes out with the fixed rule.
 
+mod simple;
 pub mod template;
 
 use crate::ingest::event::{Event, CANONICAL};

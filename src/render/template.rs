@@ -4,6 +4,7 @@
 //! URL templates and JSON-escaped in JSON bodies unless marked `raw`. Unknown variables are
 //! errors (strict undefined), so a misspelled macro is never sent literally.
 
+use super::simple::{Filter, Simple};
 use minijinja::value::{Kwargs, Value};
 use minijinja::{AutoEscape, Environment, Error, ErrorKind, State, UndefinedBehavior};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -38,18 +39,32 @@ impl Escape {
 }
 
 /// A compiled template's handle inside an [`Engine`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TemplateId(String);
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TemplateId(u32);
+
+enum Compiled {
+    /// Text and plain macros, rendered by [`Simple`]; the source is kept so minijinja can
+    /// say what is wrong when the simple path cannot render it.
+    Simple {
+        simple: Simple,
+        escape: Escape,
+        source: Box<str>,
+    },
+    /// Compiled by minijinja, under this name in the environment.
+    Jinja(String),
+}
 
 /// All templates of one plan.
 pub struct Engine {
     env: Environment<'static>,
-    count: usize,
+    templates: Vec<Compiled>,
+    /// Off in tests that compare both paths.
+    simple: bool,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Engine({} templates)", self.count)
+        write!(f, "Engine({} templates)", self.templates.len())
     }
 }
 
@@ -73,40 +88,41 @@ impl Engine {
             }
         });
         env.set_formatter(|out, state, value| {
-            if state.auto_escape() == AutoEscape::Custom("url") && !value.is_safe() {
-                let s = if value.is_none() {
-                    String::new()
-                } else {
-                    value.to_string()
-                };
-                write!(out, "{}", utf8_percent_encode(&s, COMPONENT)).map_err(Error::from)
-            } else if value.is_none() {
-                Ok(())
-            } else {
-                minijinja::escape_formatter(out, state, value)
+            let escape = match state.auto_escape() {
+                AutoEscape::Custom("url") => Escape::Url,
+                AutoEscape::Json => Escape::Json,
+                _ => Escape::Plain,
+            };
+            let mut s = String::new();
+            if apply_escape(&mut s, value, escape).is_none() {
+                return minijinja::escape_formatter(out, state, value);
             }
+            out.write_str(&s).map_err(Error::from)
         });
-        env.add_filter("raw", |v: Value| Value::from_safe_string(v.to_string()));
+        // A missing value is empty to every filter, never the word `none`.
+        for f in Filter::ALL {
+            env.add_filter(f.name(), move |v: Value| f.apply(&v));
+        }
         env.add_filter("urlencode", |v: Value| {
-            utf8_percent_encode(&v.to_string(), COMPONENT).to_string()
-        });
-        env.add_filter("sha256", sha256_filter);
-        env.add_filter("sha256_raw", |v: Value| {
-            hex(&sha2::Sha256::digest(v.to_string().as_bytes()))
-        });
-        env.add_filter("md5", |v: Value| {
-            hex(&md5::Md5::digest(v.to_string().as_bytes()))
-        });
-        env.add_filter("digits", |v: Value| {
-            v.to_string()
-                .chars()
-                .filter(char::is_ascii_digit)
-                .collect::<String>()
+            utf8_percent_encode(&text_of(&v), COMPONENT).to_string()
         });
         env.add_filter("value_map", value_map);
         env.add_filter("date", date_filter);
         env.add_function("uuid", || uuid::Uuid::new_v4().to_string());
-        Engine { env, count: 0 }
+        Engine {
+            env,
+            templates: Vec::new(),
+            simple: true,
+        }
+    }
+
+    /// An engine that compiles every template with minijinja, to compare both paths.
+    #[cfg(test)]
+    pub fn jinja_only() -> Engine {
+        Engine {
+            simple: false,
+            ..Engine::new()
+        }
     }
 
     /// Compiles a template. Returns its handle and the variables it reads (top-level names,
@@ -116,15 +132,26 @@ impl Engine {
         source: &str,
         escape: Escape,
     ) -> Result<(TemplateId, Vec<String>), String> {
-        let name = format!("t{}{}", self.count, escape.suffix());
+        let id = TemplateId(self.templates.len() as u32);
+        if self.simple {
+            if let Some((simple, vars)) = Simple::parse(source) {
+                self.templates.push(Compiled::Simple {
+                    simple,
+                    escape,
+                    source: source.into(),
+                });
+                return Ok((id, vars));
+            }
+        }
+        let name = format!("t{}{}", id.0, escape.suffix());
         self.env
             .add_template_owned(name.clone(), source.to_string())
             .map_err(describe)?;
-        self.count += 1;
         let tmpl = self.env.get_template(&name).map_err(describe)?;
         let mut vars: Vec<String> = tmpl.undeclared_variables(true).into_iter().collect();
         vars.sort();
-        Ok((TemplateId(name), vars))
+        self.templates.push(Compiled::Jinja(name));
+        Ok((id, vars))
     }
 
     /// Compiles a boolean expression (`payout > 0 and country != "US"`).
@@ -136,15 +163,76 @@ impl Engine {
     }
 
     pub fn render(&self, id: &TemplateId, ctx: &Value) -> Result<String, String> {
-        self.env
-            .get_template(&id.0)
-            .and_then(|t| t.render(ctx))
-            .map_err(describe)
+        match self.templates.get(id.0 as usize) {
+            Some(Compiled::Simple {
+                simple,
+                escape,
+                source,
+            }) => match simple.render(ctx, *escape) {
+                Some(out) => Ok(out),
+                None => self
+                    .env
+                    .template_from_named_str(escape.suffix(), source)
+                    .and_then(|t| t.render(ctx))
+                    .map_err(describe),
+            },
+            Some(Compiled::Jinja(name)) => self
+                .env
+                .get_template(name)
+                .and_then(|t| t.render(ctx))
+                .map_err(describe),
+            None => Err(format!("no template {}", id.0)),
+        }
+    }
+
+    /// Whether a template takes the simple path.
+    #[cfg(test)]
+    fn is_simple(&self, id: &TemplateId) -> bool {
+        matches!(self.templates[id.0 as usize], Compiled::Simple { .. })
     }
 
     /// Evaluates a condition compiled with [`Engine::add_condition`].
     pub fn holds(&self, id: &TemplateId, ctx: &Value) -> Result<bool, String> {
         Ok(self.render(id, ctx)? == "1")
+    }
+}
+
+/// Writes one printed value as a template of that escape prints it: a safe (`raw`) string
+/// as it is, nothing for none, otherwise percent-encoded, JSON or plain text. `None` when
+/// the value cannot be written (it does not serialise to JSON).
+pub(crate) fn apply_escape(out: &mut String, value: &Value, escape: Escape) -> Option<()> {
+    use std::fmt::Write;
+    if value.is_safe() {
+        if let Some(s) = value.as_str() {
+            out.push_str(s);
+            return Some(());
+        }
+    }
+    if value.is_none() {
+        return Some(());
+    }
+    match escape {
+        Escape::Url => {
+            let _ = write!(
+                out,
+                "{}",
+                utf8_percent_encode(&value.to_string(), COMPONENT)
+            );
+        }
+        Escape::Json => out.push_str(&serde_json::to_string(value).ok()?),
+        Escape::Plain => {
+            let _ = write!(out, "{value}");
+        }
+    }
+    Some(())
+}
+
+/// A value as text for a filter: a missing value is empty.
+pub(crate) fn text_of(v: &Value) -> String {
+    if v.is_none() || v.is_undefined() {
+        String::new()
+    } else {
+        v.to_string()
     }
 }
 
@@ -174,14 +262,21 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// SHA-256 of the value normalised as Meta's and TikTok's APIs require: trimmed and
-/// lower-cased. Phone numbers should go through `digits` first.
-fn sha256_filter(v: Value) -> String {
-    let s = v.to_string();
+/// lower-cased; empty stays empty. Phone numbers should go through `digits` first.
+pub(crate) fn sha256_normalised(s: &str) -> String {
     let norm = s.trim().to_lowercase();
     if norm.is_empty() {
         return String::new();
     }
-    hex(&sha2::Sha256::digest(norm.as_bytes()))
+    sha256_hex(&norm)
+}
+
+pub(crate) fn sha256_hex(s: &str) -> String {
+    hex(&sha2::Sha256::digest(s.as_bytes()))
+}
+
+pub(crate) fn md5_hex(s: &str) -> String {
+    hex(&md5::Md5::digest(s.as_bytes()))
 }
 
 /// `{{ status | value_map(approved=1, pending=2) }}` or with a dict; unmapped values pass
@@ -455,6 +550,64 @@ mod tests {
         assert!(e.holds(&id, &ctx()).unwrap());
         assert_eq!(vars, vec!["payout".to_string(), "status".to_string()]);
         assert!(e.add_condition("payout >").is_err());
+    }
+
+    /// The simple path gives what minijinja gives, byte for byte, errors included.
+    #[test]
+    fn simple_path_renders_as_minijinja_does() {
+        let simple = [
+            "https://t.example/pb?cid={clickid}&sum={payout}",
+            "https://t.example/{clickid:raw}/{_clickid}?e={email:hash}&m={email:md5}",
+            "{{ clickid }}{{clickid|raw}}{{ email | lower | raw }}{{ email|upper }}",
+            "{{ params.t }}-{{ params.missing }}-{{ none_field }}",
+            "{{ none_field | raw }}|{{ none_field | sha256 }}|{{ none_field | lower }}|{{ none_field|digits }}",
+            "{{ flag }} {{ n }} {{ payout }} {{ phone | digits }} {{ phone | sha256_raw }}",
+            "a { b } c }} d {",
+            "ü{clickid}\n",
+            "{{ nope }}",
+            "{{ clickid.deeper }}",
+            "{{ params }}",
+            "",
+        ];
+        let jinja = [
+            "{{ params.t | default('x') }}",
+            "{status:approved=1 pending=2}",
+            "{{- clickid -}}",
+            "{% if flag %}{{ clickid }}{% endif %}",
+            "{{ none }}",
+            "{{ clickid ~ 'x' }}",
+        ];
+        let mut m: std::collections::BTreeMap<String, Value> = Default::default();
+        m.insert("clickid".into(), Value::from("a b&c/ü"));
+        m.insert("payout".into(), Value::from(12.5));
+        m.insert("n".into(), Value::from(30));
+        m.insert("flag".into(), Value::from(true));
+        m.insert("email".into(), Value::from("  John@Example.com "));
+        m.insert("phone".into(), Value::from("+1 (555) 010-99"));
+        m.insert("none".into(), Value::from(()));
+        m.insert("none_field".into(), Value::from(()));
+        let mut params = std::collections::BTreeMap::new();
+        params.insert("t", "x y");
+        m.insert("params".into(), Value::from_serialize(&params));
+        let ctx = Value::from(m);
+        for (sources, want_simple) in [(&simple[..], true), (&jinja[..], false)] {
+            for src in sources {
+                let src = expand_shorthand(src);
+                for esc in [Escape::Url, Escape::Json, Escape::Plain] {
+                    let mut fast = Engine::new();
+                    let mut slow = Engine::jinja_only();
+                    let (a, va) = fast.add(&src, esc).unwrap();
+                    let (b, vb) = slow.add(&src, esc).unwrap();
+                    assert_eq!(fast.is_simple(&a), want_simple, "{src}");
+                    assert_eq!(va, vb, "variables of {src}");
+                    assert_eq!(
+                        fast.render(&a, &ctx),
+                        slow.render(&b, &ctx),
+                        "{src} as {esc:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
