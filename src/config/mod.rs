@@ -1112,7 +1112,7 @@ impl Compiler {
                 goal: goal.clone(),
                 when: when.clone(),
                 unless: unless.clone(),
-                expr: expr.clone(),
+                expr,
             };
             if let Some(ov) = ov {
                 for (k, v) in &ov.vars {
