@@ -160,3 +160,12 @@ pub async fn shutdown_signal() {
         _ = term => {}
     }
 }
+
+/// Returns freed heap pages to the system (glibc only; elsewhere it does nothing).
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Loads and compiles the config directory, applies the command line's overrides and reads
 /// the git commit. Start-up and every reload go through here.
@@ -222,7 +222,8 @@ impl Reloader {
                 "config reloaded"
             );
             crate::telemetry::register_plan(&plan);
-            self.plan.store(Arc::new(plan));
+            let old = self.plan.swap(Arc::new(plan));
+            tokio::spawn(release(old));
         } else {
             tracing::debug!(trigger, version = %previous, "config unchanged");
         }
@@ -235,9 +236,9 @@ impl Reloader {
 
 /// How long the directory must be quiet before a reload: editors save in pieces and a
 /// `git pull` writes many files.
-const QUIET: std::time::Duration = std::time::Duration::from_millis(300);
+const QUIET: Duration = Duration::from_millis(300);
 /// A reload happens at the latest this long after the first change, even if writes go on.
-const MAX_DEFER: std::time::Duration = std::time::Duration::from_secs(2);
+const MAX_DEFER: Duration = Duration::from_secs(2);
 
 /// The paths the watcher compares events against, each as written and resolved.
 struct Filter {
@@ -275,6 +276,23 @@ impl Filter {
             None => !path.to_string_lossy().ends_with('~'),
         }
     }
+}
+
+/// Drops a replaced plan once the last task using it lets go, then hands the freed memory
+/// back to the system: glibc keeps what a thread frees in that thread's arena, and without
+/// this each reload of a large rule set left its size in resident memory.
+async fn release(old: Arc<Plan>) {
+    for _ in 0..300 {
+        if Arc::strong_count(&old) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = tokio::task::spawn_blocking(move || {
+        drop(old);
+        crate::release_freed_memory();
+    })
+    .await;
 }
 
 /// Watches the config directory (and its parent, for a symlink swapped onto it) and

@@ -103,31 +103,36 @@ pub fn load_dir(dir: &Path) -> Result<Plan, ConfigErrors> {
     let mut hasher = sha2::Sha256::new();
     let mut settings_raw = RawSettings::default();
     let mut settings_file = dir.join(SETTINGS_FILE);
-    let mut rule_files = Vec::new();
+    let mut texts = Vec::with_capacity(files.len());
     for path in files {
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) => {
-                c.err_at(&path, 0, 0, None, format!("cannot read file: {e}"), None);
-                continue;
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let rel = path.strip_prefix(dir).unwrap_or(&path);
+                hasher.update(rel.to_string_lossy().as_bytes());
+                hasher.update([0]);
+                hasher.update(text.as_bytes());
+                hasher.update([0]);
+                let is_settings = rel == Path::new(SETTINGS_FILE);
+                texts.push((path, is_settings, text));
             }
-        };
-        let rel = path.strip_prefix(dir).unwrap_or(&path);
-        hasher.update(rel.to_string_lossy().as_bytes());
-        hasher.update([0]);
-        hasher.update(text.as_bytes());
-        hasher.update([0]);
-        let is_settings = rel == Path::new(SETTINGS_FILE);
-        if is_settings {
-            settings_file = path.clone();
-            match parse::<RawSettings>(&text) {
-                Ok(s) => settings_raw = s,
-                Err(e) => c.yaml_error(&path, e),
+            Err(e) => c.err_at(&path, 0, 0, None, format!("cannot read file: {e}"), None),
+        }
+    }
+    let mut rule_files = Vec::new();
+    for ((path, _, _), parsed) in texts.iter().zip(parse_all(&texts)) {
+        match parsed {
+            Parsed::Settings(parsed) => {
+                settings_file = path.clone();
+                match *parsed {
+                    Ok(s) => settings_raw = s,
+                    Err(e) => c.yaml_error(path, e),
+                }
             }
-        } else {
-            match parse::<RawRuleFile>(&text) {
-                Ok(r) => rule_files.push((path, r)),
-                Err(e) => c.yaml_error(&path, e),
+            Parsed::Rules(Ok(r)) => rule_files.push((path.clone(), r)),
+            Parsed::Rules(Err(e)) => c.yaml_error(path, e),
+            Parsed::Failed => {
+                let msg = "the YAML parser failed on this file".to_string();
+                c.err_at(path, 0, 0, None, msg, None)
             }
         }
     }
@@ -190,6 +195,57 @@ pub fn load_dir(dir: &Path) -> Result<Plan, ConfigErrors> {
         engine: c.engine,
         secrets,
     })
+}
+
+enum Parsed {
+    Settings(Box<Result<RawSettings, serde_saphyr::Error>>),
+    Rules(Result<RawRuleFile, serde_saphyr::Error>),
+    /// The parser panicked.
+    Failed,
+}
+
+/// Parses every file, on as many threads as there are cores: YAML parsing is most of the
+/// time a reload of a large rule set takes. Results come back in the files' order, one per
+/// file.
+fn parse_all(texts: &[(PathBuf, bool, String)]) -> Vec<Parsed> {
+    let one = |(_, is_settings, text): &(PathBuf, bool, String)| {
+        std::panic::catch_unwind(|| {
+            if *is_settings {
+                Parsed::Settings(Box::new(parse(text)))
+            } else {
+                Parsed::Rules(parse(text))
+            }
+        })
+        .unwrap_or(Parsed::Failed)
+    };
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(texts.len());
+    if threads <= 1 {
+        return texts.iter().map(one).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut out: Vec<(usize, Parsed)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(t) = texts.get(i) else { break mine };
+                        mine.push((i, one(t)));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_default())
+            .collect()
+    });
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, p)| p).collect()
 }
 
 fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, serde_saphyr::Error> {

@@ -168,6 +168,8 @@ impl Deliverer {
             if let Some(t) = gate.next_token(settings) {
                 wait = wait.min(t.max(Duration::from_millis(1)));
             }
+            // Not kept across the sleep: a reload's old plan is freed when its users let go.
+            drop(plan);
             tokio::select! {
                 Some(done) = done_rx.recv() => {
                     need_claim |= self.ended(done, &mut gate, &mut held) && left_behind;
