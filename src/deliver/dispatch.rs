@@ -16,12 +16,21 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+/// How many handed-over deliveries may wait in memory for one destination.
+const HANDOFF_ROOM: usize = 512;
+
+/// How stale the loop's idea of the next due time may get while it is busy.
+const DUE_RECHECK: Duration = Duration::from_millis(50);
+
 /// What a running attempt tells the loop.
 enum Done {
     /// The destination answered (or the attempt ended before sending): its slot is free.
     Released(Lane, String),
     /// The outcome is in the store: the delivery may be claimed again (if it is to be retried).
     Recorded(i64),
+    /// A new delivery, handed over by the store right after its commit. It comes through
+    /// this channel so that it is always heard before its own `Recorded`.
+    Fresh(Box<Claimed>),
 }
 
 /// Claimed deliveries waiting for a slot: per destination, first attempts and retries.
@@ -65,6 +74,10 @@ impl Deliverer {
         let mut gate = Gate::default();
         let mut waiting = Waiting::default();
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+        let handoff = done_tx.clone();
+        self.store.on_fresh(move |d| {
+            let _ = handoff.send(Done::Fresh(Box::new(d)));
+        });
         let mut tasks = JoinSet::new();
         // Claimed and not yet recorded: the store still has them pending, so claims leave
         // them out.
@@ -75,12 +88,21 @@ impl Deliverer {
         let mut need_claim = true;
         let mut woken = true;
         let mut left_behind = false;
+        let mut next_due: Option<i64> = None;
+        let mut due_checked: Option<Instant> = None;
         loop {
             if *shutdown.borrow() {
                 break;
             }
             while let Ok(done) = done_rx.try_recv() {
-                need_claim |= self.ended(done, &mut gate, &mut held) && left_behind;
+                self.heard(
+                    done,
+                    &mut gate,
+                    &mut held,
+                    &mut waiting,
+                    &mut need_claim,
+                    left_behind,
+                );
             }
             // Claims come in batches: after an attempt ends, only once fewer deliveries wait
             // in memory than are in flight (new work, a due time or a timer claim at once).
@@ -158,10 +180,16 @@ impl Deliverer {
 
             // Sleep until an attempt ends, new work is committed, the next delivery falls
             // due, a rate-limited destination earns a token, or shutdown.
+            // The next due time is a query; under load the loop turns for every delivery,
+            // so it is asked at most every DUE_RECHECK (a retry may start that much late).
             let mut wait = Duration::from_secs(1);
             if !claim_failing {
                 let now = crate::now_ms();
-                if let Ok(Some(due)) = self.store.next_due(now).await {
+                if due_checked.is_none_or(|t: Instant| t.elapsed() >= DUE_RECHECK) {
+                    next_due = self.store.next_due(now).await.ok().flatten();
+                    due_checked = Some(Instant::now());
+                }
+                if let Some(due) = next_due {
                     wait = wait.min(Duration::from_millis((due - now).max(1) as u64));
                 }
             }
@@ -172,15 +200,17 @@ impl Deliverer {
             drop(plan);
             tokio::select! {
                 Some(done) = done_rx.recv() => {
-                    need_claim |= self.ended(done, &mut gate, &mut held) && left_behind;
+                    self.heard(done, &mut gate, &mut held, &mut waiting, &mut need_claim, left_behind);
                 }
                 _ = self.store.wake.notified() => {
                     need_claim = true;
                     woken = true;
+                    due_checked = None;
                 }
                 _ = tokio::time::sleep(wait) => {
                     need_claim = true;
                     woken = true;
+                    due_checked = None;
                 }
                 _ = shutdown.changed() => {}
             }
@@ -196,16 +226,38 @@ impl Deliverer {
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     }
 
-    /// Books what an attempt reported; true when a slot was freed.
-    fn ended(&self, done: Done, gate: &mut Gate, held: &mut HashSet<i64>) -> bool {
+    /// Books what an attempt or the store reported. A freed slot means claiming again when
+    /// the last claim left due work behind.
+    fn heard(
+        &self,
+        done: Done,
+        gate: &mut Gate,
+        held: &mut HashSet<i64>,
+        waiting: &mut Waiting,
+        need_claim: &mut bool,
+        left_behind: bool,
+    ) {
         match done {
             Done::Released(lane, dest) => {
                 gate.release(lane, &dest);
-                true
+                *need_claim |= left_behind;
             }
             Done::Recorded(id) => {
                 held.remove(&id);
-                false
+            }
+            Done::Fresh(d) => {
+                if held.contains(&d.id) {
+                    return; // a claim got there first
+                }
+                // Held in memory up to HANDOFF_ROOM per destination (the delivery is in
+                // memory already; a claim would read it back). Beyond that it stays in the
+                // store for a claim to find, so a dead destination's backlog stays there.
+                if waiting.count(Lane::Fresh, Some(&d.destination)) >= HANDOFF_ROOM {
+                    *need_claim = true;
+                    return;
+                }
+                held.insert(d.id);
+                waiting.push(*d);
             }
         }
     }

@@ -20,7 +20,7 @@ use rusqlite::Connection;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use tokio::sync::{oneshot, Notify};
 use writer::{Job, Writer};
 
@@ -90,7 +90,17 @@ pub struct Accepted {
     pub queued: usize,
     /// The ids of the new deliveries, for `/api/v1/deliveries/{id}`.
     pub deliveries: Vec<i64>,
+    /// New deliveries that can go at once (not held, no earlier one of the same conversion
+    /// unfinished), handed to the dispatcher straight after the commit.
+    #[serde(skip)]
+    pub fresh: Vec<Claimed>,
+    /// How many were handed over.
+    #[serde(skip)]
+    pub handed: usize,
 }
+
+/// Takes deliveries the writer hands over after a commit.
+type Handoff = Box<dyn Fn(Claimed) + Send + Sync>;
 
 /// A delivery handed to the dispatcher.
 #[derive(Debug, Clone)]
@@ -149,6 +159,8 @@ pub struct Store {
     tx: mpsc::Sender<Job>,
     /// Woken whenever new deliveries were committed.
     pub wake: Arc<Notify>,
+    /// Where the writer hands new deliveries once their commit is done (the dispatcher).
+    handoff: Arc<OnceLock<Handoff>>,
     health: Arc<Health>,
     reader: Arc<Mutex<Connection>>,
     pub path: PathBuf,
@@ -204,6 +216,10 @@ impl Store {
         let (tx, rx) = mpsc::channel();
         let health = Arc::new(Health::default());
         health.set(None);
+        if let Ok(v) = std::env::var("PB_PRAGMAS") {
+            conn.execute_batch(&v)
+                .map_err(|e| open_err(e.to_string()))?;
+        }
         let w = Writer::new(conn, health.clone());
         std::thread::Builder::new()
             .name("store-writer".into())
@@ -212,6 +228,7 @@ impl Store {
         Ok(Store {
             tx,
             wake: Arc::new(Notify::new()),
+            handoff: Arc::default(),
             health,
             reader: Arc::new(Mutex::new(reader)),
             path,
@@ -233,21 +250,56 @@ impl Store {
         durable: bool,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.call_then(durable, f, |_: &mut T| {}).await
+    }
+
+    /// [`Store::call_with`], running `after` on the result on the writer thread once the
+    /// commit succeeded, before anything else is committed.
+    async fn call_then<T: Send + 'static>(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        after: impl FnOnce(&mut T) + Send + 'static,
+    ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(writer::job(f, reply, durable))
+            .send(writer::job(f, after, reply, durable))
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Stores an event, folds it into its conversion, matches it and queues its new
     /// deliveries, all in one durable commit.
+    ///
+    /// Deliveries that can go at once are handed to the dispatcher by the writer thread
+    /// right after the commit, before anything else can be committed: a claim cannot see
+    /// them finish before the dispatcher hears of them. The rest (held, or behind an
+    /// earlier delivery of the same conversion) wait for a claim.
     pub async fn ingest(&self, event: Event, plan: Arc<Plan>) -> Result<Accepted, StoreError> {
-        let a = self.call(move |c| ops::ingest(c, &event, &plan)).await?;
-        if a.queued > 0 {
+        let handoff = self.handoff.clone();
+        let a = self
+            .call_then(
+                true,
+                move |c| ops::ingest(c, &event, &plan),
+                move |a: &mut Accepted| {
+                    if let Some(h) = handoff.get() {
+                        a.handed = a.fresh.len();
+                        for d in std::mem::take(&mut a.fresh) {
+                            h(d);
+                        }
+                    }
+                },
+            )
+            .await?;
+        if a.queued > a.handed {
             self.wake.notify_one();
         }
         Ok(a)
+    }
+
+    /// Sets where new deliveries go once committed (see [`Store::ingest`]); once per store.
+    pub fn on_fresh(&self, f: impl Fn(Claimed) + Send + Sync + 'static) {
+        let _ = self.handoff.set(Box::new(f));
     }
 
     /// Finds due deliveries (see [`ClaimSpec`]), several specs in order. A claim is a read:

@@ -52,6 +52,7 @@ pub(super) fn ingest(c: &Connection, event: &Event, plan: &Plan) -> rusqlite::Re
     )?;
     let mut queued = 0;
     let mut deliveries = Vec::new();
+    let mut fresh = Vec::new();
     let merged_json = to_json(&merged);
     for m in &matches {
         let order_key = format!(
@@ -95,7 +96,30 @@ pub(super) fn ingest(c: &Connection, event: &Event, plan: &Plan) -> rusqlite::Re
             ],
         )?;
         if n == 1 {
-            deliveries.push(c.last_insert_rowid());
+            let id = c.last_insert_rowid();
+            deliveries.push(id);
+            let behind: bool = m.delay.is_zero()
+                && c.prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM deliveries
+                                    WHERE order_key = ?1 AND id < ?2 AND state IN (0, 1))",
+                )?
+                .query_row(params![order_key, id], |r| r.get(0))?;
+            if m.delay.is_zero() && !behind {
+                fresh.push(Claimed {
+                    id,
+                    postback_id: m.postback_id.clone(),
+                    offer: m.offer.clone(),
+                    event: merged.clone(),
+                    latest: None,
+                    attempts: 0,
+                    created_at: event.received_at,
+                    delayed: false,
+                    destination: plan
+                        .postback(&m.postback_id)
+                        .map(|p| p.http.destination.clone())
+                        .unwrap_or_default(),
+                });
+            }
         }
         queued += n;
     }
@@ -104,6 +128,8 @@ pub(super) fn ingest(c: &Connection, event: &Event, plan: &Plan) -> rusqlite::Re
         matched,
         queued,
         deliveries,
+        fresh,
+        handed: 0,
     })
 }
 

@@ -34,24 +34,33 @@ pub(super) trait Op: Send {
     fn durable(&self) -> bool;
 }
 
-struct Call<F, T> {
+struct Call<F, A, T> {
     f: F,
+    after: A,
     reply: oneshot::Sender<Result<T, StoreError>>,
     durable: bool,
 }
 
-impl<F, T> Op for Call<F, T>
+impl<F, A, T> Op for Call<F, A, T>
 where
     F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    A: FnOnce(&mut T) + Send + 'static,
     T: Send + 'static,
 {
     fn run(self: Box<Self>, c: &Connection) -> Done {
-        let Call { f, reply, .. } = *self;
+        let Call {
+            f, after, reply, ..
+        } = *self;
         let result = savepoint(c, f);
         Box::new(move |commit_error: Option<&str>| {
             let _ = reply.send(match commit_error {
                 Some(e) => Err(StoreError::Commit(e.to_string())),
-                None => result.map_err(StoreError::from),
+                None => result
+                    .map(|mut v| {
+                        after(&mut v);
+                        v
+                    })
+                    .map_err(StoreError::from),
             });
         })
     }
@@ -65,15 +74,28 @@ where
     }
 }
 
-/// Wraps a closure and its reply channel as a job. A `durable` job is answered only after
-/// its commit is synced to disk; the others (finishes and pruning, which a process crash
-/// cannot lose) may share a commit that is not synced, which a later synced commit covers.
-pub(super) fn job<F, T>(f: F, reply: oneshot::Sender<Result<T, StoreError>>, durable: bool) -> Job
+/// Wraps a closure and its reply channel as a job; `after` runs on its result on this
+/// thread once the commit succeeded, before the next batch. A `durable` job is answered
+/// only after its commit is synced to disk; the others (finishes and pruning, which a
+/// process crash cannot lose) may share a commit that is not synced, which a later synced
+/// commit covers.
+pub(super) fn job<F, A, T>(
+    f: F,
+    after: A,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+    durable: bool,
+) -> Job
 where
     F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    A: FnOnce(&mut T) + Send + 'static,
     T: Send + 'static,
 {
-    Box::new(Call { f, reply, durable })
+    Box::new(Call {
+        f,
+        after,
+        reply,
+        durable,
+    })
 }
 
 pub(super) struct Writer {
@@ -195,10 +217,10 @@ fn savepoint<T>(
     c: &Connection,
     f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<T> {
-    c.execute_batch("SAVEPOINT job")?;
+    c.prepare_cached("SAVEPOINT job")?.execute([])?;
     match f(c) {
         Ok(v) => {
-            c.execute_batch("RELEASE job")?;
+            c.prepare_cached("RELEASE job")?.execute([])?;
             Ok(v)
         }
         Err(e) => {

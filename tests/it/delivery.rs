@@ -62,6 +62,42 @@ async fn a_dead_destination_does_not_slow_a_healthy_one() {
     assert!(hole.connections() >= 1);
 }
 
+/// New deliveries go to the dispatcher straight from the commit; past what it holds in
+/// memory for one destination they wait in the store for a claim. Either way each one is
+/// sent once, with no crash in between.
+#[tokio::test]
+async fn a_burst_past_the_handoff_buffer_is_delivered_exactly_once() {
+    let sink = Sink::start().await;
+    let cfg = tempfile::tempdir().unwrap();
+    write_config(
+        cfg.path(),
+        "delivery:\n  per_destination: 2\n",
+        &format!(
+            "postbacks:\n  - id: ok\n    trigger: conversion\n    http: {{ url: \"http://{}/ok?cid={{clickid}}\" }}\n",
+            sink.addr
+        ),
+    );
+    let d = Daemon::start(cfg.path());
+    // Three batches of 1,000 land faster than two slots drain them: the dispatcher holds
+    // 512 and the rest are claimed from the store.
+    for b in 0..3 {
+        post_events(&d, conversions(1000, &format!("b{b}-"))).await;
+    }
+    let got = sink
+        .wait_for(Some("/ok"), 3000, Duration::from_secs(60))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cids: Vec<String> = sink
+        .on_path("/ok")
+        .iter()
+        .filter_map(|r| r.param("cid"))
+        .collect();
+    let distinct: std::collections::HashSet<&String> = cids.iter().collect();
+    assert_eq!(got.len(), 3000, "{}", d.logs());
+    assert_eq!(distinct.len(), 3000);
+    assert_eq!(cids.len(), 3000, "duplicates were sent");
+}
+
 /// `rate: 5/s` on a destination: a burst of one second, then five a second.
 #[tokio::test]
 async fn a_destination_rate_limit_spaces_attempts() {
