@@ -277,10 +277,13 @@ impl Store {
     /// earlier delivery of the same conversion) wait for a claim.
     pub async fn ingest(&self, event: Event, plan: Arc<Plan>) -> Result<Accepted, StoreError> {
         let handoff = self.handoff.clone();
+        // Serialised here, on the caller's thread, not on the one writer thread.
+        let event_json =
+            serde_json::to_string(&event).map_err(|e| StoreError::Commit(e.to_string()))?;
         let a = self
             .call_then(
                 true,
-                move |c| ops::ingest(c, &event, &plan),
+                move |c| ops::ingest(c, &event, &event_json, &plan),
                 move |a: &mut Accepted| {
                     if let Some(h) = handoff.get() {
                         a.handed = a.fresh.len();

@@ -12,25 +12,36 @@ fn to_json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
 
-pub(super) fn ingest(c: &Connection, event: &Event, plan: &Plan) -> rusqlite::Result<Accepted> {
+/// `event_json` is `event` serialised, done before the job reaches the writer thread.
+pub(super) fn ingest(
+    c: &Connection,
+    event: &Event,
+    event_json: &str,
+    plan: &Plan,
+) -> rusqlite::Result<Accepted> {
     let key = event.conversion_key();
-    let merged = match &key {
+    let (merged, merged_json) = match &key {
         Some(k) => {
             let earlier: Option<String> = c
                 .prepare_cached("SELECT event FROM conversions WHERE key = ?1")?
                 .query_row([k], |r| r.get(0))
                 .optional()?;
-            let merged = match earlier.and_then(|e| serde_json::from_str::<Event>(&e).ok()) {
-                Some(prev) => event.merged_onto(&prev),
-                None => event.clone(),
-            };
+            let (merged, merged_json) =
+                match earlier.and_then(|e| serde_json::from_str::<Event>(&e).ok()) {
+                    Some(prev) => {
+                        let m = event.merged_onto(&prev);
+                        let json = to_json(&m);
+                        (m, json)
+                    }
+                    None => (event.clone(), event_json.to_string()),
+                };
             c.prepare_cached("INSERT INTO conversions (key, status, event, updated_at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(key) DO UPDATE SET status = excluded.status, event = excluded.event, updated_at = excluded.updated_at")?.execute(
-                                params![k, merged.field("status"), to_json(&merged), event.received_at],
+                                params![k, merged.field("status"), merged_json, event.received_at],
             )?;
-            merged
+            (merged, merged_json)
         }
-        None => event.clone(),
+        None => (event.clone(), event_json.to_string()),
     };
     let matches: Vec<Match> = plan.matches(&merged);
     let matched: Vec<String> = matches.iter().map(|m| m.postback_id.clone()).collect();
@@ -46,14 +57,13 @@ pub(super) fn ingest(c: &Connection, event: &Event, plan: &Plan) -> rusqlite::Re
             merged.field("transaction_id"),
             merged.field("offer_id"),
             merged.field("affiliate_id"),
-            to_json(event),
+            event_json,
             to_json(&matched),
         ],
     )?;
     let mut queued = 0;
     let mut deliveries = Vec::new();
     let mut fresh = Vec::new();
-    let merged_json = to_json(&merged);
     for m in &matches {
         let order_key = format!(
             "{}|{}|{}",

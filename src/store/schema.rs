@@ -101,6 +101,12 @@ CREATE INDEX IF NOT EXISTS events_txid ON events(transaction_id);
 CREATE INDEX IF NOT EXISTS events_clickid ON events(clickid);
 ";
 
+/// Nothing reads events by conversion key (conversions are looked up in their own table);
+/// the index cost a random b-tree insert per event.
+const V5: &str = "
+DROP INDEX IF EXISTS events_conv;
+";
+
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version < 1 {
@@ -118,6 +124,10 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if version < 4 {
         conn.execute_batch(V4)?;
         conn.pragma_update(None, "user_version", 4)?;
+    }
+    if version < 5 {
+        conn.execute_batch(V5)?;
+        conn.pragma_update(None, "user_version", 5)?;
     }
     Ok(())
 }
