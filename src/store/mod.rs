@@ -216,10 +216,6 @@ impl Store {
         let (tx, rx) = mpsc::channel();
         let health = Arc::new(Health::default());
         health.set(None);
-        if let Ok(v) = std::env::var("PB_PRAGMAS") {
-            conn.execute_batch(&v)
-                .map_err(|e| open_err(e.to_string()))?;
-        }
         let w = Writer::new(conn, health.clone());
         std::thread::Builder::new()
             .name("store-writer".into())
