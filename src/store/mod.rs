@@ -94,9 +94,6 @@ pub struct Accepted {
     /// unfinished), handed to the dispatcher straight after the commit.
     #[serde(skip)]
     pub fresh: Vec<Claimed>,
-    /// How many were handed over.
-    #[serde(skip)]
-    pub handed: usize,
 }
 
 /// Takes deliveries the writer hands over after a commit.
@@ -272,28 +269,32 @@ impl Store {
     /// them finish before the dispatcher hears of them. The rest (held, or behind an
     /// earlier delivery of the same conversion) wait for a claim.
     pub async fn ingest(&self, event: Event, plan: Arc<Plan>) -> Result<Accepted, StoreError> {
-        let handoff = self.handoff.clone();
+        let (handoff, wake) = (self.handoff.clone(), self.wake.clone());
         // Serialised here, on the caller's thread, not on the one writer thread.
         let event_json =
             serde_json::to_string(&event).map_err(|e| StoreError::Commit(e.to_string()))?;
-        let a = self
-            .call_then(
-                true,
-                move |c| ops::ingest(c, &event, &event_json, &plan),
-                move |a: &mut Accepted| {
-                    if let Some(h) = handoff.get() {
-                        a.handed = a.fresh.len();
-                        for d in std::mem::take(&mut a.fresh) {
+        self.call_then(
+            true,
+            move |c| ops::ingest(c, &event, &event_json, &plan),
+            move |a: &mut Accepted| {
+                let fresh = std::mem::take(&mut a.fresh);
+                // What is not handed over waits for a claim: wake the dispatcher for it.
+                let left = match handoff.get() {
+                    Some(h) => {
+                        let left = a.queued - fresh.len();
+                        for d in fresh {
                             h(d);
                         }
+                        left
                     }
-                },
-            )
-            .await?;
-        if a.queued > a.handed {
-            self.wake.notify_one();
-        }
-        Ok(a)
+                    None => a.queued,
+                };
+                if left > 0 {
+                    wake.notify_one();
+                }
+            },
+        )
+        .await
     }
 
     /// Sets where new deliveries go once committed (see [`Store::ingest`]); once per store.

@@ -108,13 +108,16 @@ pub(super) fn ingest(
         if n == 1 {
             let id = c.last_insert_rowid();
             deliveries.push(id);
-            let behind: bool = m.delay.is_zero()
-                && c.prepare_cached(
-                    "SELECT EXISTS (SELECT 1 FROM deliveries
-                                    WHERE order_key = ?1 AND id < ?2 AND state IN (0, 1))",
-                )?
-                .query_row(params![order_key, id], |r| r.get(0))?;
-            if m.delay.is_zero() && !behind {
+            // Due now and not behind an unfinished delivery of the same order key: the
+            // dispatcher can start it without a claim.
+            let go_now = m.delay.is_zero()
+                && !c
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM deliveries
+                                        WHERE order_key = ?1 AND id < ?2 AND state IN (0, 1))",
+                    )?
+                    .query_row(params![order_key, id], |r| r.get::<_, bool>(0))?;
+            if go_now {
                 fresh.push(Claimed {
                     id,
                     postback_id: m.postback_id.clone(),
@@ -124,10 +127,7 @@ pub(super) fn ingest(
                     attempts: 0,
                     created_at: event.received_at,
                     delayed: false,
-                    destination: plan
-                        .postback(&m.postback_id)
-                        .map(|p| p.http.destination.clone())
-                        .unwrap_or_default(),
+                    destination: destination_of(plan, &m.postback_id),
                 });
             }
         }
@@ -139,8 +139,14 @@ pub(super) fn ingest(
         queued,
         deliveries,
         fresh,
-        handed: 0,
     })
+}
+
+/// The host a postback sends to (empty for a postback the plan no longer has).
+fn destination_of(plan: &Plan, postback_id: &str) -> String {
+    plan.postback(postback_id)
+        .map(|p| p.http.destination.clone())
+        .unwrap_or_default()
 }
 
 /// Which deliveries a claim looks at: first attempts, retries, or both.
@@ -179,12 +185,7 @@ pub(super) fn claim(c: &Connection, spec: &ClaimSpec) -> rusqlite::Result<Claim>
         Lane::Retry => CLAIM_RETRY,
         Lane::Any => CLAIM_ANY,
     };
-    let destination = |postback_id: &str| {
-        spec.plan
-            .postback(postback_id)
-            .map(|p| p.http.destination.clone())
-            .unwrap_or_default()
-    };
+    let destination = |postback_id: &str| destination_of(&spec.plan, postback_id);
     // Postbacks whose destination is full are left out in SQL, so a large backlog for a
     // dead destination does not eat the scan.
     let blocked: Vec<&str> = spec
