@@ -81,9 +81,19 @@ async fn stats_page(State(stats): State<Arc<Stats>>) -> String {
 }
 
 async fn serve(listen: SocketAddr, app: Router) {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .unwrap_or_else(|e| panic!("cannot listen on {listen}: {e}"));
+    // A port can stay taken for a moment by a connection that is closing: try for 5 seconds.
+    let mut tries = 0;
+    let listener = loop {
+        match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => break l,
+            Err(e) if tries < 50 => {
+                tries += 1;
+                eprintln!("cannot listen on {listen} yet: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot listen on {listen}: {e}"),
+        }
+    };
     axum::serve(listener, app)
         .await
         .unwrap_or_else(|e| panic!("{e}"));

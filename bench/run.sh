@@ -23,7 +23,11 @@ tool=target/$profile/postbackd-bench
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; [[ -n ${KEEP:-} ]] || rm -rf "$work"' EXIT
 
-base=$((20000 + RANDOM % 20000))
+# Ports below the ephemeral range: an outgoing connection (the daemon retrying a destination
+# that is down, wrk, the forwarder) can never take one of them, or connect to itself on one.
+low=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+(( low > 11000 )) || low=32768
+base=$((10000 + RANDOM % (low - 10000 - 10)))
 port() { echo $((base + $1)); }
 SINK=127.0.0.1:$(port 0); BARE=127.0.0.1:$(port 1); DAEMON=127.0.0.1:$(port 2); FWD=127.0.0.1:$(port 3)
 
