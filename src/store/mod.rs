@@ -188,6 +188,8 @@ fn open_conn(path: &Path) -> Result<Connection, rusqlite::Error> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
+    // Savepoints' statement journals (see the writer) and sorts stay in memory, not in temp files.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(conn)
 }
 
@@ -232,7 +234,7 @@ impl Store {
     /// transaction has committed (or the commit's error if it did not).
     async fn call<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        f: impl Fn(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
         self.call_with(true, f).await
     }
@@ -241,7 +243,7 @@ impl Store {
     async fn call_with<T: Send + 'static>(
         &self,
         durable: bool,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        f: impl Fn(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
         self.call_then(durable, f, |_: &mut T| {}).await
     }
@@ -251,7 +253,7 @@ impl Store {
     async fn call_then<T: Send + 'static>(
         &self,
         durable: bool,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        f: impl Fn(&Connection) -> rusqlite::Result<T> + Send + 'static,
         after: impl FnOnce(&mut T) + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
