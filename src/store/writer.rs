@@ -313,7 +313,8 @@ mod tests {
         let after_runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut replies = Vec::new();
         let mut batch = Vec::new();
-        let jobs: Vec<Box<dyn Fn(&Connection) -> rusqlite::Result<i64> + Send>> = vec![
+        type Write = Box<dyn Fn(&Connection) -> rusqlite::Result<i64> + Send>;
+        let jobs: Vec<Write> = vec![
             Box::new(|c| insert(c, 1)),
             // Writes 2, then breaks the unique constraint: 2 must not stay.
             Box::new(|c| insert(c, 2).and_then(|_| insert(c, 1))),
