@@ -264,8 +264,7 @@ impl Plan {
             if !entry.enabled {
                 continue;
             }
-            let ctx = ctx.get_or_init(|| crate::render::event_context(event, None, ""));
-            if self.entry_holds(entry, event, ctx) {
+            if self.entry_holds(entry, event, &ctx) {
                 out.push(Match {
                     entry: *idx,
                     postback_id: self.postbacks[entry.postback].id.clone(),
@@ -279,8 +278,14 @@ impl Plan {
     }
 
     /// Whether one entry's trigger and conditions hold for an event (used again when a
-    /// delayed postback's hold ends).
-    pub fn entry_holds(&self, entry: &Entry, event: &Event, ctx: &minijinja::Value) -> bool {
+    /// delayed postback's hold ends). `ctx` is the event's template context, built on first
+    /// use: only an `expr` condition needs it, and building it costs more than the rest.
+    pub fn entry_holds(
+        &self,
+        entry: &Entry,
+        event: &Event,
+        ctx: &std::cell::OnceCell<minijinja::Value>,
+    ) -> bool {
         let pb = &self.postbacks[entry.postback];
         if pb.trigger != event.kind {
             return false;
@@ -313,6 +318,7 @@ impl Plan {
             return false;
         }
         if let Some(expr) = &c.expr {
+            let ctx = ctx.get_or_init(|| crate::render::event_context(event, None, ""));
             match self.engine.holds(expr, ctx) {
                 Ok(b) => return b,
                 Err(e) => {

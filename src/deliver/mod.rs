@@ -114,8 +114,7 @@ impl Deliverer {
             // The hold is over: the conversion may have changed meanwhile (a fraud check
             // rejected it). Fire only if the postback still matches its latest state.
             let latest = d.latest.as_ref().unwrap_or(&d.event);
-            let ctx = render::event_context(latest, None, "");
-            if !plan.entry_holds(entry, latest, &ctx) {
+            if !plan.entry_holds(entry, latest, &std::cell::OnceCell::new()) {
                 let reason = format!(
                     "conditions no longer hold after the delay (status now {})",
                     latest.field("status").unwrap_or("unknown")

@@ -8,8 +8,10 @@ pub mod template;
 
 use crate::ingest::event::{Event, CANONICAL};
 use crate::plan::{Auth, Body, Entry, JsonTemplate, Method, Plan};
+use minijinja::value::{Enumerator, Object, ObjectRepr};
 use minijinja::Value;
 use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 use template::Engine;
 
 /// Names templates may use besides the canonical fields (see [`event_context`]).
@@ -39,54 +41,107 @@ pub const EXTRA_NAMES: &[&str] = &[
 
 /// The variables a template sees for one event. Every canonical field is present (none
 /// when the event lacks it, which renders empty), numbers are numbers.
+///
+/// Values are made when a template asks for them: a postback URL reads a handful of the
+/// fifty names, and building them all (dates, a random id, the params map) cost more than
+/// rendering.
 pub fn event_context(
     event: &Event,
     vars: Option<&BTreeMap<String, String>>,
     postback_id: &str,
 ) -> Value {
-    let mut m: BTreeMap<&str, Value> = BTreeMap::new();
-    for name in CANONICAL {
-        let v = match event.field(name) {
-            Some(s) if *name == "payout" || *name == "revenue" => number(s),
-            Some(s) => Value::from(s),
-            None => Value::from(()),
+    Value::from_object(Context {
+        event: event.clone(),
+        vars: vars.cloned().unwrap_or_default(),
+        postback_id: postback_id.to_string(),
+        rand: OnceLock::new(),
+    })
+}
+
+/// The context behind [`event_context`].
+#[derive(Debug)]
+struct Context {
+    event: Event,
+    vars: BTreeMap<String, String>,
+    postback_id: String,
+    /// One random id per render, however often the template uses it.
+    rand: OnceLock<Value>,
+}
+
+impl Context {
+    fn lookup(&self, name: &str) -> Option<Value> {
+        let alias = match name {
+            "txid" | "tid" => Some("transaction_id"),
+            "sum" | "amount" => Some("payout"),
+            "ua" => Some("user_agent"),
+            "click_id" | "subid" => Some("clickid"),
+            "aff_id" | "affiliate" => Some("affiliate_id"),
+            "offer" => Some("offer_id"),
+            _ => None,
         };
-        m.insert(name, v);
+        if let Some(canonical) = alias {
+            return self.lookup(canonical);
+        }
+        let e = &self.event;
+        Some(match name {
+            "timestamp" => Value::from(self.instant().as_second()),
+            "date" => Value::from(self.utc().strftime("%Y-%m-%d").to_string()),
+            "time" => Value::from(self.utc().strftime("%H:%M:%S").to_string()),
+            "event_id" => Value::from(e.id.as_str()),
+            "kind" => Value::from(e.kind.as_str()),
+            "source" => Value::from(e.source.as_str()),
+            "received_at" => Value::from(e.received_at),
+            "rand" => self
+                .rand
+                .get_or_init(|| Value::from(uuid::Uuid::new_v4().to_string()))
+                .clone(),
+            "postback_id" => Value::from(self.postback_id.as_str()),
+            "params" => Value::from_serialize(&e.params),
+            "vars" => Value::from_serialize(&self.vars),
+            _ if CANONICAL.contains(&name) => match e.field(name) {
+                Some(s) if name == "payout" || name == "revenue" => number(s),
+                Some(s) => Value::from(s),
+                None => Value::from(()),
+            },
+            _ => return None,
+        })
     }
-    let ts = event
-        .field("timestamp")
-        .and_then(template::parse_instant)
-        .or_else(|| jiff::Timestamp::from_millisecond(event.received_at).ok())
-        .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
-    let utc = ts.to_zoned(jiff::tz::TimeZone::UTC);
-    m.insert("timestamp", Value::from(ts.as_second()));
-    m.insert("date", Value::from(utc.strftime("%Y-%m-%d").to_string()));
-    m.insert("time", Value::from(utc.strftime("%H:%M:%S").to_string()));
-    for (alias, canonical) in [
-        ("txid", "transaction_id"),
-        ("tid", "transaction_id"),
-        ("sum", "payout"),
-        ("amount", "payout"),
-        ("ua", "user_agent"),
-        ("click_id", "clickid"),
-        ("subid", "clickid"),
-        ("aff_id", "affiliate_id"),
-        ("affiliate", "affiliate_id"),
-        ("offer", "offer_id"),
-    ] {
-        let v = m.get(canonical).cloned().unwrap_or_default();
-        m.insert(alias, v);
+
+    /// The event's own timestamp when it has a readable one, else its arrival.
+    fn instant(&self) -> jiff::Timestamp {
+        self.event
+            .field("timestamp")
+            .and_then(template::parse_instant)
+            .or_else(|| jiff::Timestamp::from_millisecond(self.event.received_at).ok())
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
     }
-    m.insert("event_id", Value::from(event.id.as_str()));
-    m.insert("kind", Value::from(event.kind.as_str()));
-    m.insert("source", Value::from(event.source.as_str()));
-    m.insert("received_at", Value::from(event.received_at));
-    m.insert("rand", Value::from(uuid::Uuid::new_v4().to_string()));
-    m.insert("postback_id", Value::from(postback_id));
-    m.insert("params", Value::from_serialize(&event.params));
-    let vars = vars.cloned().unwrap_or_default();
-    m.insert("vars", Value::from_serialize(&vars));
-    Value::from_iter(m)
+
+    fn utc(&self) -> jiff::Zoned {
+        self.instant().to_zoned(jiff::tz::TimeZone::UTC)
+    }
+}
+
+impl Object for Context {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Map
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        self.lookup(key.as_str()?)
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        let mut names: Vec<&str> = CANONICAL
+            .iter()
+            .chain(EXTRA_NAMES)
+            .copied()
+            .filter(|n| *n != "uuid")
+            .chain(["timestamp"])
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        Enumerator::Values(names.into_iter().map(Value::from).collect())
+    }
 }
 
 /// A money amount as a number: whole amounts as integers (so `30` renders as `30`, not
