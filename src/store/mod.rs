@@ -182,6 +182,9 @@ impl Health {
     }
 }
 
+const QUEUE_STATS: &str = "SELECT COUNT(*), COALESCE(SUM(attempts > 0), 0), MIN(created_at)
+                           FROM deliveries WHERE state = 0";
+
 fn open_conn(path: &Path) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -396,11 +399,8 @@ impl Store {
     /// Unfinished deliveries: (count, of which failed at least once, oldest created_at).
     pub async fn queue_stats(&self) -> Result<(i64, i64, Option<i64>), StoreError> {
         self.read(|c| {
-            c.prepare_cached(
-                "SELECT COUNT(*), COALESCE(SUM(attempts > 0), 0), MIN(created_at)
-                 FROM deliveries WHERE state IN (0, 1)",
-            )?
-            .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            c.prepare_cached(QUEUE_STATS)?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         })
         .await
     }

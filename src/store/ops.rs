@@ -112,10 +112,7 @@ pub(super) fn ingest(
             // dispatcher can start it without a claim.
             let go_now = m.delay.is_zero()
                 && !c
-                    .prepare_cached(
-                        "SELECT EXISTS (SELECT 1 FROM deliveries
-                                        WHERE order_key = ?1 AND id < ?2 AND state IN (0, 1))",
-                    )?
+                    .prepare_cached(BEHIND)?
                     .query_row(params![order_key, id], |r| r.get::<_, bool>(0))?;
             if go_now {
                 fresh.push(Claimed {
@@ -141,6 +138,41 @@ pub(super) fn ingest(
         fresh,
     })
 }
+
+/// Whether an unfinished delivery of the same order key came before delivery `?2`.
+const BEHIND: &str = "SELECT EXISTS (SELECT 1 FROM deliveries
+                                     WHERE order_key = ?1 AND id < ?2 AND state = 0)";
+
+/// Whether a pending delivery of the same order key waits behind delivery `?1`.
+const UNBLOCKS: &str = "SELECT EXISTS (SELECT 1 FROM deliveries n
+    WHERE n.order_key = (SELECT order_key FROM deliveries WHERE id = ?1)
+      AND n.id > ?1 AND n.state = 0)";
+
+const NEXT_DUE: &str = "SELECT MIN(
+    (SELECT MIN(due_at) FROM deliveries WHERE state = 0 AND (attempts > 0) = 0 AND due_at > ?1),
+    (SELECT MIN(due_at) FROM deliveries WHERE state = 0 AND (attempts > 0) = 1 AND due_at > ?1))";
+
+const PRUNE_DELIVERIES: &str =
+    "SELECT id FROM deliveries WHERE state IN (2, 3, 4) AND updated_at < ?1 LIMIT ?2";
+
+const PRUNE_EVENTS: &str = "DELETE FROM events WHERE rowid IN
+    (SELECT rowid FROM events e WHERE received_at < ?1
+       AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id)
+     LIMIT ?2)";
+
+/// The statements that run per webhook, per attempt or over the whole queue: each must
+/// find its deliveries through an index (checked in the schema's tests).
+#[cfg(test)]
+pub(super) const INDEXED: &[&str] = &[
+    BEHIND,
+    UNBLOCKS,
+    NEXT_DUE,
+    PRUNE_DELIVERIES,
+    PRUNE_EVENTS,
+    CLAIM_FRESH,
+    CLAIM_RETRY,
+    super::QUEUE_STATS,
+];
 
 /// The host a postback sends to (empty for a postback the plan no longer has).
 fn destination_of(plan: &Plan, postback_id: &str) -> String {
@@ -266,13 +298,14 @@ macro_rules! claim_sql {
             " AND d.id NOT IN (SELECT value FROM json_each(?4))
                AND d.postback_id NOT IN (SELECT value FROM json_each(?2))
                AND NOT EXISTS (SELECT 1 FROM deliveries p
-                               WHERE p.order_key = d.order_key AND p.id < d.id AND p.state IN (0, 1))
+                               WHERE p.order_key = d.order_key AND p.id < d.id AND p.state = 0)
              ORDER BY d.due_at, d.id
              LIMIT ?3"
         )
     };
 }
-// `(attempts > 0) = …` is written to match the `deliveries_lane` index expression.
+// `(attempts > 0) = …` and `state = 0` are written to match the `deliveries_pending` index:
+// its expression and the condition of the partial index.
 const CLAIM_FRESH: &str = claim_sql!("AND (d.attempts > 0) = 0");
 const CLAIM_RETRY: &str = claim_sql!("AND (d.attempts > 0) = 1");
 const CLAIM_ANY: &str = claim_sql!("");
@@ -320,12 +353,7 @@ pub(super) fn finish(
     if state == State::Pending {
         return Ok(false);
     }
-    c.prepare_cached(
-        "SELECT EXISTS (SELECT 1 FROM deliveries n
-                        WHERE n.order_key = (SELECT order_key FROM deliveries WHERE id = ?1)
-                          AND n.id > ?1 AND n.state = 0)",
-    )?
-    .query_row([id], |r| r.get(0))
+    c.prepare_cached(UNBLOCKS)?.query_row([id], |r| r.get(0))
 }
 
 /// Deletes up to `limit` finished deliveries (with their attempts), events and conversions
@@ -333,9 +361,7 @@ pub(super) fn finish(
 /// is `limit`, so a large prune never holds the writer for long.
 pub(super) fn prune(c: &Connection, before: i64, limit: usize) -> rusqlite::Result<usize> {
     let ids: Vec<i64> = c
-        .prepare_cached(
-            "SELECT id FROM deliveries WHERE state IN (2, 3, 4) AND updated_at < ?1 LIMIT ?2",
-        )?
+        .prepare_cached(PRUNE_DELIVERIES)?
         .query_map(params![before, limit as i64], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     let mut del_attempts = c.prepare_cached("DELETE FROM attempts WHERE delivery_id = ?1")?;
@@ -344,11 +370,10 @@ pub(super) fn prune(c: &Connection, before: i64, limit: usize) -> rusqlite::Resu
         del_attempts.execute([id])?;
         del_delivery.execute([id])?;
     }
+    // An event stays while a delivery it made is kept: the log finds deliveries by the
+    // ids on their event.
     let events = c
-        .prepare_cached(
-            "DELETE FROM events WHERE rowid IN
-               (SELECT rowid FROM events WHERE received_at < ?1 LIMIT ?2)",
-        )?
+        .prepare_cached(PRUNE_EVENTS)?
         .execute(params![before, limit as i64])?;
     let conversions = c
         .prepare_cached(
@@ -405,10 +430,10 @@ pub(super) fn retry(c: &Connection, f: &RetryFilter, now: i64) -> rusqlite::Resu
     Ok(ids)
 }
 
-/// When the next pending delivery falls due after `after` (unix ms), if any.
+/// When the next pending delivery falls due after `after` (unix ms), if any. One look per
+/// lane, each the first entry past `after` in `deliveries_pending`.
 pub(super) fn next_due(c: &Connection, after: i64) -> rusqlite::Result<Option<i64>> {
-    c.prepare_cached("SELECT MIN(due_at) FROM deliveries WHERE state = 0 AND due_at > ?1")?
-        .query_row([after], |r| r.get(0))
+    c.prepare_cached(NEXT_DUE)?.query_row([after], |r| r.get(0))
 }
 
 /// Rewrites one row, so that a commit proves the disk takes writes.

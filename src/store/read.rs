@@ -141,13 +141,24 @@ pub(super) fn deliveries(
             sql.push_str(&format!(" AND {col} = ?{}", args.len()));
         }
     };
-    eq(&mut sql, "transaction_id", &q.transaction_id);
-    eq(&mut sql, "clickid", &q.clickid);
     eq(&mut sql, "offer_id", &q.offer);
     eq(&mut sql, "affiliate_id", &q.affiliate);
     eq(&mut sql, "goal", &q.goal);
     eq(&mut sql, "status", &q.status);
     eq(&mut sql, "last_outcome", &q.outcome);
+    // Through the delivery's event, which carries the same merged ids and is indexed by them.
+    for (col, v) in [
+        ("transaction_id", &q.transaction_id),
+        ("clickid", &q.clickid),
+    ] {
+        if let Some(v) = v {
+            args.push(Box::new(v.clone()));
+            sql.push_str(&format!(
+                " AND event_id IN (SELECT id FROM events WHERE {col} = ?{})",
+                args.len()
+            ));
+        }
+    }
     if let Some(p) = &q.postbacks {
         args.push(Box::new(serde_json::to_string(p).unwrap_or_default()));
         sql.push_str(&format!(

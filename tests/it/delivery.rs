@@ -312,6 +312,22 @@ async fn retention_prunes_finished_deliveries_only() {
     assert_eq!(code, 200, "{body}");
     assert!(body["attempts"].as_u64().unwrap() >= 2, "{body}");
     assert_ne!(body["state"], "dead");
+    // Its event is older than the retention too, yet kept while the delivery is: the log
+    // still finds the delivery by the event's click id.
+    let (code, body) = send_json(api(
+        &d,
+        reqwest::Method::GET,
+        "/api/v1/deliveries?clickid=p0",
+    ))
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let ids: Vec<i64> = body["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [failing], "{body}");
 }
 
 async fn wait_state(d: &Daemon, id: i64, state: &str) -> Value {
