@@ -35,8 +35,20 @@ wait_http() { for _ in $(seq 1 1200); do curl -sf -o /dev/null "$1" && return 0;
 rss_mib() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 json() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
 ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
-wrk_rate() { # url [script] -> requests/s
-  wrk -t2 -c64 -d"${secs}s" -s bench/unique.lua "$1" | awk '/Requests\/sec/ {print $2}'
+wrk_rate() { # url -> requests/s; the request count is left in $work/requests
+  wrk -t2 -c64 -d"${secs}s" -s bench/unique.lua "$1" > "$work/wrk.out"
+  awk '/requests in/ {print $1}' "$work/wrk.out" > "$work/requests"
+  awk '/Requests\/sec/ {print $2}' "$work/wrk.out"
+}
+# CPU time of the daemon's threads so far, in clock ticks: "writer http_workers other".
+cpu_ticks() {
+  for t in /proc/"$daemon_pid"/task/*; do echo "$(cat "$t/comm") $(awk '{print $14 + $15}' "$t/stat")"; done |
+    awk '{ if ($1 == "store-writer") w += $2; else if ($1 ~ /^tokio-rt-worker/) h += $2; else o += $2 }
+         END { print w + 0, h + 0, o + 0 }'
+}
+# The CPU each request cost, by thread role, between two `cpu_ticks`: "w / h / o" in µs.
+cpu_per() { # "before" "after" requests
+  python3 -c "import os,sys; t=1e6/os.sysconf('SC_CLK_TCK'); a=sys.argv[1].split(); b=sys.argv[2].split(); n=int(sys.argv[3]); print(' / '.join(f'{(int(y)-int(x))*t/n:.0f}' for x,y in zip(a,b)))" "$1" "$2" "$3"
 }
 row() { printf '%-58s %14s %8s\n' "$@"; }
 
@@ -88,11 +100,13 @@ rules_dir "$work/one" 1 "$SINK"
 b1=$(wrk_rate "http://$BARE")
 row "baseline 1: bare HTTP server, req/s" "$b1" "1.00"
 start_daemon "$work/none" "$work/d-none"
-r=$(wrk_rate "http://$DAEMON/postback"); stop_daemon
+c0=$(cpu_ticks); r=$(wrk_rate "http://$DAEMON/postback"); c1=$(cpu_ticks); stop_daemon
 row "ingest, durable ack, nothing matched, req/s" "$r" "$(ratio "$r" "$b1")"
+row "  CPU per webhook: writer / HTTP / other threads, µs" "$(cpu_per "$c0" "$c1" "$(cat "$work/requests")")" ""
 start_daemon "$work/one" "$work/d-one"
-r=$(wrk_rate "http://$DAEMON/postback"); stop_daemon
+c0=$(cpu_ticks); r=$(wrk_rate "http://$DAEMON/postback"); sleep 1; c1=$(cpu_ticks); stop_daemon
 row "ingest, durable ack, 1 postback queued, req/s" "$r" "$(ratio "$r" "$b1")"
+row "  CPU per webhook and postback: writer / HTTP / other, µs" "$(cpu_per "$c0" "$c1" "$(cat "$work/requests")")" ""
 sink_stats >/dev/null
 
 # --- End to end ---------------------------------------------------------------------------
