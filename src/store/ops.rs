@@ -5,6 +5,7 @@ use crate::ingest::event::{Event, Kind};
 use crate::plan::{Match, Plan};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -31,9 +32,9 @@ pub(super) fn ingest(
                     Some(prev) => {
                         let m = event.merged_onto(&prev);
                         let json = to_json(&m);
-                        (m, json)
+                        (Cow::Owned(m), Cow::Owned(json))
                     }
-                    None => (event.clone(), event_json.to_string()),
+                    None => (Cow::Borrowed(event), Cow::Borrowed(event_json)),
                 };
             c.prepare_cached("INSERT INTO conversions (key, status, event, updated_at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(key) DO UPDATE SET status = excluded.status, event = excluded.event, updated_at = excluded.updated_at")?.execute(
@@ -41,7 +42,7 @@ pub(super) fn ingest(
             )?;
             (merged, merged_json)
         }
-        None => (event.clone(), event_json.to_string()),
+        None => (Cow::Borrowed(event), Cow::Borrowed(event_json)),
     };
     let matches: Vec<Match> = plan.matches(&merged);
     let matched: Vec<String> = matches.iter().map(|m| m.postback_id.clone()).collect();
@@ -119,7 +120,7 @@ pub(super) fn ingest(
                     id,
                     postback_id: m.postback_id.clone(),
                     offer: m.offer.clone(),
-                    event: merged.clone(),
+                    event: merged.as_ref().clone(),
                     latest: None,
                     attempts: 0,
                     created_at: event.received_at,
