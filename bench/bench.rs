@@ -80,6 +80,12 @@ async fn stats_page(State(stats): State<Arc<Stats>>) -> String {
     out.to_string()
 }
 
+/// A new click or transaction id, random as trackers make them: ids that sort in arrival
+/// order would spare the store's indexes the random inserts real traffic costs.
+fn random_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
 async fn serve(listen: SocketAddr, app: Router) {
     // A port can stay taken for a moment by a connection that is closing: try for 5 seconds.
     let mut tries = 0;
@@ -141,7 +147,6 @@ async fn load(url: String, rate: u64, secs: u64, max_inflight: usize) {
     let slots = Arc::new(tokio::sync::Semaphore::new(max_inflight));
     let start = Instant::now();
     let total = rate * secs;
-    let run = std::process::id();
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut sent = 0u64;
@@ -155,7 +160,9 @@ async fn load(url: String, rate: u64, secs: u64, max_inflight: usize) {
                 continue;
             };
             let req = client.get(format!(
-                "{url}?clickid=b{run}-{sent}&tid=t{run}-{sent}&payout=1.5&status=approved&offer_id=1&t={}",
+                "{url}?clickid={}&tid={}&payout=1.5&status=approved&offer_id=1&t={}",
+                random_id(),
+                random_id(),
                 now_us()
             ));
             let (ok, failed) = (ok.clone(), failed.clone());
@@ -186,7 +193,6 @@ async fn load(url: String, rate: u64, secs: u64, max_inflight: usize) {
 /// a time: the quickest way to build a large backlog. Prints how many were acknowledged.
 async fn batches(url: String, events: u64, parallel: usize) {
     let client = reqwest::Client::new();
-    let run = std::process::id();
     let acked = Arc::new(AtomicU64::new(0));
     let slots = Arc::new(tokio::sync::Semaphore::new(parallel));
     let start = Instant::now();
@@ -194,7 +200,7 @@ async fn batches(url: String, events: u64, parallel: usize) {
     while from < events {
         let to = (from + 1000).min(events);
         let body: Vec<serde_json::Value> = (from..to)
-            .map(|i| serde_json::json!({"clickid": format!("q{run}-{i}"), "tid": format!("q{run}-{i}"), "status": "approved", "offer_id": 1}))
+            .map(|_| serde_json::json!({"clickid": random_id(), "tid": random_id(), "status": "approved", "offer_id": 1}))
             .collect();
         let permit = slots.clone().acquire_owned().await.expect("semaphore");
         let (client, url, acked) = (client.clone(), url.clone(), acked.clone());

@@ -1,15 +1,24 @@
--- wrk script: every request is a new conversion (unique click and transaction ids).
+-- wrk script: every request is a new conversion, with random click and transaction ids as
+-- trackers make them (ids in arrival order would spare the store's indexes the random
+-- inserts that real traffic costs). The thread's number ends each id, so two threads never
+-- send the same one.
 local counter = 0
-local thread_id = 0
 setup = function(thread)
   thread:set("tid", counter)
   counter = counter + 1
 end
+local hex = "0123456789abcdef"
+local function rid(n)
+  local t = {}
+  for i = 1, n do
+    local k = math.random(1, 16)
+    t[i] = hex:sub(k, k)
+  end
+  return table.concat(t) .. "x" .. tid
+end
 init = function(args)
-  n = 0
+  math.randomseed(os.time() * 1000 + tid)
 end
 request = function()
-  n = n + 1
-  local id = tid .. "-" .. n
-  return wrk.format("GET", "/postback?clickid=c" .. id .. "&tid=t" .. id .. "&payout=1.5&status=approved&offer_id=1")
+  return wrk.format("GET", "/postback?clickid=" .. rid(24) .. "&tid=" .. rid(16) .. "&payout=1.5&status=approved&offer_id=1")
 end
