@@ -1,7 +1,7 @@
 //! The store's statements: what each command does inside the writer's transaction.
 
 use super::{Accepted, Attempt, Claimed, Next, State};
-use crate::ingest::event::{Event, Kind};
+use crate::ingest::event::Event;
 use crate::plan::{Match, Plan};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
@@ -21,26 +21,27 @@ pub(super) fn ingest(
     plan: &Plan,
 ) -> rusqlite::Result<Accepted> {
     let key = event.conversion_key();
-    let (merged, merged_json) = match &key {
-        Some(k) => {
-            let earlier: Option<String> = c
-                .prepare_cached("SELECT event FROM conversions WHERE key = ?1")?
-                .query_row([k], |r| r.get(0))
-                .optional()?;
-            let (merged, merged_json) =
-                match earlier.and_then(|e| serde_json::from_str::<Event>(&e).ok()) {
-                    Some(prev) => {
-                        let m = event.merged_onto(&prev);
-                        let json = to_json(&m);
-                        (Cow::Owned(m), Cow::Owned(json))
-                    }
-                    None => (Cow::Borrowed(event), Cow::Borrowed(event_json)),
-                };
-            c.prepare_cached("INSERT INTO conversions (key, status, event, updated_at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(key) DO UPDATE SET status = excluded.status, event = excluded.event, updated_at = excluded.updated_at")?.execute(
-                                params![k, merged.field("status"), merged_json, event.received_at],
-            )?;
-            (merged, merged_json)
+    // The conversion so far: its merged event, and what it has already queued.
+    let earlier: Option<(String, Option<String>)> = match &key {
+        Some(k) => c
+            .prepare_cached("SELECT event, sent FROM conversions WHERE key = ?1")?
+            .query_row([k], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?,
+        None => None,
+    };
+    let (prev, mut sent) = match earlier {
+        Some((e, sent)) => (
+            serde_json::from_str::<Event>(&e).ok(),
+            sent.and_then(|s| serde_json::from_str::<Vec<String>>(&s).ok())
+                .unwrap_or_default(),
+        ),
+        None => (None, Vec::new()),
+    };
+    let (merged, merged_json) = match prev {
+        Some(prev) => {
+            let m = event.merged_onto(&prev);
+            let json = to_json(&m);
+            (Cow::Owned(m), Cow::Owned(json))
         }
         None => (Cow::Borrowed(event), Cow::Borrowed(event_json)),
     };
@@ -73,27 +74,31 @@ pub(super) fn ingest(
             m.offer
         );
         // Conversions: one delivery per (conversion, postback, offer, status), whatever the
-        // sender repeats. Clicks and impressions fire every time.
-        let dedupe = match (&key, event.kind) {
-            (Some(k), Kind::Conversion) => Some(format!(
-                "{k}|{}|{}|{}",
+        // sender repeats, remembered on the conversion's row (which this job rewrites
+        // anyway: an index of these keys cost a random page write per delivery). Clicks and
+        // impressions have no conversion key and fire every time.
+        if key.is_some() {
+            let once = format!(
+                "{}|{}|{}",
                 m.postback_id,
                 m.offer,
                 merged.field("status").unwrap_or_default()
-            )),
-            _ => None,
-        };
+            );
+            if sent.contains(&once) {
+                continue;
+            }
+            sent.push(once);
+        }
         let due = event.received_at + m.delay.as_millis() as i64;
-        let n = c.prepare_cached("INSERT OR IGNORE INTO deliveries (event_id, postback_id, offer, conv_key, order_key, dedupe_key, status, event, state, attempts, created_at, due_at, updated_at, delayed,
+        let n = c.prepare_cached("INSERT INTO deliveries (event_id, postback_id, offer, conv_key, order_key, status, event, state, attempts, created_at, due_at, updated_at, delayed,
                                                clickid, transaction_id, offer_id, affiliate_id, goal)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, 0, ?9, ?10, ?9, ?11, ?12, ?13, ?14, ?15, ?16)")?.execute(
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, 0, ?8, ?9, ?8, ?10, ?11, ?12, ?13, ?14, ?15)")?.execute(
                         params![
                 event.id,
                 m.postback_id,
                 m.offer,
                 key,
                 order_key,
-                dedupe,
                 merged.field("status"),
                 merged_json,
                 event.received_at,
@@ -130,6 +135,12 @@ pub(super) fn ingest(
             }
         }
         queued += n;
+    }
+    if let Some(k) = &key {
+        c.prepare_cached("INSERT INTO conversions (key, status, event, updated_at, sent) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(key) DO UPDATE SET status = excluded.status, event = excluded.event,
+                                            updated_at = excluded.updated_at, sent = excluded.sent")?
+            .execute(params![k, merged.field("status"), merged_json, event.received_at, to_json(&sent)])?;
     }
     Ok(Accepted {
         event_id: event.id.clone(),

@@ -130,6 +130,21 @@ CREATE INDEX IF NOT EXISTS deliveries_done ON deliveries(updated_at) WHERE state
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries(event_id);
 ";
 
+/// Which (postback, offer, status) a conversion has queued is kept on its row, as a JSON
+/// list of `postback|offer|status`, instead of in the unique `dedupe_key` index of
+/// deliveries: the row is rewritten by every event of the conversion anyway, while the
+/// index cost a write of a random page per delivery. New deliveries leave `dedupe_key`
+/// empty; the lists start from the keys already there.
+const V7: &str = "
+ALTER TABLE conversions ADD COLUMN sent TEXT;
+UPDATE conversions SET sent = s.j
+  FROM (SELECT conv_key, json_group_array(substr(dedupe_key, length(conv_key) + 2)) AS j
+        FROM deliveries
+        WHERE dedupe_key IS NOT NULL AND conv_key IS NOT NULL
+        GROUP BY conv_key) AS s
+  WHERE s.conv_key = conversions.key;
+";
+
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version < 1 {
@@ -156,12 +171,49 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         conn.execute_batch(V6)?;
         conn.pragma_update(None, "user_version", 6)?;
     }
+    if version < 7 {
+        conn.execute_batch(V7)?;
+        conn.pragma_update(None, "user_version", 7)?;
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store from before V7 keeps its conversions' dedupe: each conversion's row lists
+    /// what its deliveries' keys said it had queued.
+    #[test]
+    fn v7_moves_dedupe_keys_onto_conversions() {
+        let conn = Connection::open_in_memory().unwrap();
+        for v in [V1, V2, V3, V4, V5, V6] {
+            conn.execute_batch(v).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 6).unwrap();
+        conn.execute_batch(
+            "INSERT INTO conversions (key, status, event, updated_at)
+                VALUES ('web|t|T1', 'approved', '{}', 1), ('web|t|T2', 'pending', '{}', 1);
+             INSERT INTO deliveries (event_id, postback_id, offer, conv_key, order_key, dedupe_key,
+                                     event, state, attempts, created_at, due_at, updated_at)
+             VALUES ('e1', 'pb', '7', 'web|t|T1', 'web|t|T1|pb|7', 'web|t|T1|pb|7|pending', '{}', 2, 1, 1, 1, 1),
+                    ('e2', 'pb', '7', 'web|t|T1', 'web|t|T1|pb|7', 'web|t|T1|pb|7|approved', '{}', 0, 0, 1, 1, 1),
+                    ('e3', 'pb', '7', NULL, 'e3|pb|7', NULL, '{}', 2, 1, 1, 1, 1);",
+        )
+        .unwrap();
+        migrate(&conn).unwrap();
+        let sent = |key: &str| -> Option<Vec<String>> {
+            conn.query_row("SELECT sent FROM conversions WHERE key = ?1", [key], |r| {
+                r.get::<_, Option<String>>(0)
+            })
+            .unwrap()
+            .map(|s| serde_json::from_str(&s).unwrap())
+        };
+        let mut t1 = sent("web|t|T1").unwrap();
+        t1.sort();
+        assert_eq!(t1, ["pb|7|approved", "pb|7|pending"]);
+        assert_eq!(sent("web|t|T2"), None);
+    }
 
     /// Every hot statement reaches deliveries through an index: a full scan of the table
     /// would cost a second per call with a million queued.
