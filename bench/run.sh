@@ -18,7 +18,8 @@ else
   cargo build -q --release --bins
 fi
 command -v wrk >/dev/null || { echo "wrk is required: apt-get install -y wrk" >&2; exit 1; }
-bin=target/$profile/postbackd
+# POSTBACKD_BIN runs the suite against another build of the daemon, to compare two commits.
+bin=${POSTBACKD_BIN:-target/$profile/postbackd}
 tool=target/$profile/postbackd-bench
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; [[ -n ${KEEP:-} ]] || rm -rf "$work"' EXIT
@@ -46,6 +47,9 @@ cpu_ticks() {
     awk '{ if ($1 == "store-writer") w += $2; else if ($1 ~ /^tokio-rt-worker/) h += $2; else o += $2 }
          END { print w + 0, h + 0, o + 0 }'
 }
+# Bytes the daemon has had written to disk so far (the store's log and database).
+disk_bytes() { awk '/^write_bytes/ {print $2}' "/proc/$daemon_pid/io"; }
+kib_per() { python3 -c "import sys; print(f'{(int(sys.argv[2]) - int(sys.argv[1])) / 1024 / int(sys.argv[3]):.1f}')" "$1" "$2" "$3"; }
 # The CPU each request cost, by thread role, between two `cpu_ticks`: "w / h / o" in µs.
 cpu_per() { # "before" "after" requests
   python3 -c "import os,sys; t=1e6/os.sysconf('SC_CLK_TCK'); a=sys.argv[1].split(); b=sys.argv[2].split(); n=int(sys.argv[3]); print(' / '.join(f'{(int(y)-int(x))*t/n:.0f}' for x,y in zip(a,b)))" "$1" "$2" "$3"
@@ -100,13 +104,15 @@ rules_dir "$work/one" 1 "$SINK"
 b1=$(wrk_rate "http://$BARE")
 row "baseline 1: bare HTTP server, req/s" "$b1" "1.00"
 start_daemon "$work/none" "$work/d-none"
-c0=$(cpu_ticks); r=$(wrk_rate "http://$DAEMON/postback"); c1=$(cpu_ticks); stop_daemon
+c0=$(cpu_ticks); w0=$(disk_bytes); r=$(wrk_rate "http://$DAEMON/postback"); c1=$(cpu_ticks); w1=$(disk_bytes); stop_daemon
 row "ingest, durable ack, nothing matched, req/s" "$r" "$(ratio "$r" "$b1")"
 row "  CPU per webhook: writer / HTTP / other threads, µs" "$(cpu_per "$c0" "$c1" "$(cat "$work/requests")")" ""
+row "  written to disk per webhook, KiB" "$(kib_per "$w0" "$w1" "$(cat "$work/requests")")" ""
 start_daemon "$work/one" "$work/d-one"
-c0=$(cpu_ticks); r=$(wrk_rate "http://$DAEMON/postback"); sleep 1; c1=$(cpu_ticks); stop_daemon
+c0=$(cpu_ticks); w0=$(disk_bytes); r=$(wrk_rate "http://$DAEMON/postback"); sleep 1; c1=$(cpu_ticks); w1=$(disk_bytes); stop_daemon
 row "ingest, durable ack, 1 postback queued, req/s" "$r" "$(ratio "$r" "$b1")"
 row "  CPU per webhook and postback: writer / HTTP / other, µs" "$(cpu_per "$c0" "$c1" "$(cat "$work/requests")")" ""
+row "  written to disk per webhook and postback, KiB" "$(kib_per "$w0" "$w1" "$(cat "$work/requests")")" ""
 sink_stats >/dev/null
 
 # --- End to end ---------------------------------------------------------------------------
