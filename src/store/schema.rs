@@ -145,35 +145,16 @@ UPDATE conversions SET sent = s.j
   WHERE s.conv_key = conversions.key;
 ";
 
+/// The migrations in order: the store at version N has run the first N.
+const MIGRATIONS: [&str; 7] = [V1, V2, V3, V4, V5, V6, V7];
+
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version < 1 {
-        conn.execute_batch(V1)?;
-        conn.pragma_update(None, "user_version", 1)?;
-    }
-    if version < 2 {
-        conn.execute_batch(V2)?;
-        conn.pragma_update(None, "user_version", 2)?;
-    }
-    if version < 3 {
-        conn.execute_batch(V3)?;
-        conn.pragma_update(None, "user_version", 3)?;
-    }
-    if version < 4 {
-        conn.execute_batch(V4)?;
-        conn.pragma_update(None, "user_version", 4)?;
-    }
-    if version < 5 {
-        conn.execute_batch(V5)?;
-        conn.pragma_update(None, "user_version", 5)?;
-    }
-    if version < 6 {
-        conn.execute_batch(V6)?;
-        conn.pragma_update(None, "user_version", 6)?;
-    }
-    if version < 7 {
-        conn.execute_batch(V7)?;
-        conn.pragma_update(None, "user_version", 7)?;
+    for (done, sql) in (1_i64..).zip(MIGRATIONS) {
+        if version < done {
+            conn.execute_batch(sql)?;
+            conn.pragma_update(None, "user_version", done)?;
+        }
     }
     Ok(())
 }
@@ -187,8 +168,8 @@ mod tests {
     #[test]
     fn v7_moves_dedupe_keys_onto_conversions() {
         let conn = Connection::open_in_memory().unwrap();
-        for v in [V1, V2, V3, V4, V5, V6] {
-            conn.execute_batch(v).unwrap();
+        for sql in &MIGRATIONS[..6] {
+            conn.execute_batch(sql).unwrap();
         }
         conn.pragma_update(None, "user_version", 6).unwrap();
         conn.execute_batch(
