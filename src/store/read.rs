@@ -135,30 +135,30 @@ pub(super) fn deliveries(
 ) -> rusqlite::Result<(Vec<DeliveryRow>, Option<i64>)> {
     let mut sql = format!("SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE 1 = 1");
     let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
-    let mut eq = |sql: &mut String, col: &str, v: &Option<String>| {
+    // `clause` holds one `?`, which becomes this value's parameter number.
+    let mut cond = |sql: &mut String, clause: &str, v: &Option<String>| {
         if let Some(v) = v {
             args.push(Box::new(v.clone()));
-            sql.push_str(&format!(" AND {col} = ?{}", args.len()));
+            sql.push_str(" AND ");
+            sql.push_str(&clause.replace('?', &format!("?{}", args.len())));
         }
     };
-    eq(&mut sql, "offer_id", &q.offer);
-    eq(&mut sql, "affiliate_id", &q.affiliate);
-    eq(&mut sql, "goal", &q.goal);
-    eq(&mut sql, "status", &q.status);
-    eq(&mut sql, "last_outcome", &q.outcome);
+    cond(&mut sql, "offer_id = ?", &q.offer);
+    cond(&mut sql, "affiliate_id = ?", &q.affiliate);
+    cond(&mut sql, "goal = ?", &q.goal);
+    cond(&mut sql, "status = ?", &q.status);
+    cond(&mut sql, "last_outcome = ?", &q.outcome);
     // Through the delivery's event, which carries the same merged ids and is indexed by them.
-    for (col, v) in [
-        ("transaction_id", &q.transaction_id),
-        ("clickid", &q.clickid),
-    ] {
-        if let Some(v) = v {
-            args.push(Box::new(v.clone()));
-            sql.push_str(&format!(
-                " AND event_id IN (SELECT id FROM events WHERE {col} = ?{})",
-                args.len()
-            ));
-        }
-    }
+    cond(
+        &mut sql,
+        "event_id IN (SELECT id FROM events WHERE transaction_id = ?)",
+        &q.transaction_id,
+    );
+    cond(
+        &mut sql,
+        "event_id IN (SELECT id FROM events WHERE clickid = ?)",
+        &q.clickid,
+    );
     if let Some(p) = &q.postbacks {
         args.push(Box::new(serde_json::to_string(p).unwrap_or_default()));
         sql.push_str(&format!(

@@ -168,7 +168,7 @@ impl Writer {
         }
     }
 
-    fn run_batch(&mut self, batch: Vec<Job>) {
+    fn run_batch(&mut self, mut batch: Vec<Job>) {
         // In WAL mode a commit at synchronous=FULL syncs the log up to and including itself,
         // so skipping the sync for batches without a durable job never weakens one.
         let durable = !self.health.is_ok() || batch.iter().any(|j| j.durable());
@@ -178,20 +178,12 @@ impl Writer {
                 self.synced = durable;
             }
         }
-        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
-            let msg = self.describe(&e);
-            self.failed(&msg);
+        if let Err(msg) = self.begin() {
             for j in batch {
                 j.fail(&msg);
             }
             return;
         }
-        // While unhealthy, every batch also rewrites the heartbeat row, so that a commit
-        // which succeeds proves the disk takes writes again (an empty commit proves nothing).
-        if !self.health.is_ok() {
-            let _ = ops::heartbeat(&self.conn, crate::now_ms());
-        }
-        let mut batch = batch;
         let mut all_ok = true;
         for j in batch.iter_mut() {
             if !j.run(&self.conn, false) {
@@ -203,22 +195,23 @@ impl Writer {
             // Undo the failed job's partial writes with everything else (SQLite may have
             // rolled back already, after an I/O error or a full disk), then run the batch
             // again with each job in its own savepoint.
-            let rollback = if self.conn.is_autocommit() {
-                Ok(())
-            } else {
-                self.conn.execute_batch("ROLLBACK")
+            let rollback = match self.conn.is_autocommit() {
+                true => Ok(()),
+                false => self.conn.execute_batch("ROLLBACK"),
             };
-            let replay = rollback.and_then(|()| self.conn.execute_batch("BEGIN IMMEDIATE"));
-            if let Err(e) = replay {
-                let msg = self.describe(&e);
-                self.failed(&msg);
+            let replay = match rollback {
+                Ok(()) => self.begin(),
+                Err(e) => {
+                    let msg = self.describe(&e);
+                    self.failed(&msg);
+                    Err(msg)
+                }
+            };
+            if let Err(msg) = replay {
                 for j in batch {
-                    j.done()(Some(&msg));
+                    j.fail(&msg);
                 }
                 return;
-            }
-            if !self.health.is_ok() {
-                let _ = ops::heartbeat(&self.conn, crate::now_ms());
             }
             for j in batch.iter_mut() {
                 j.run(&self.conn, true);
@@ -244,6 +237,21 @@ impl Writer {
         for d in done {
             d(error.as_deref());
         }
+    }
+
+    /// Begins the batch's transaction. While unhealthy, every batch also rewrites the
+    /// heartbeat row, so that a commit which succeeds proves the disk takes writes again
+    /// (an empty commit proves nothing).
+    fn begin(&mut self) -> Result<(), String> {
+        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            let msg = self.describe(&e);
+            self.failed(&msg);
+            return Err(msg);
+        }
+        if !self.health.is_ok() {
+            let _ = ops::heartbeat(&self.conn, crate::now_ms());
+        }
+        Ok(())
     }
 
     /// SQLite's message plus the operating system's reason when there is one: "disk I/O
