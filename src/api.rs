@@ -296,9 +296,9 @@ async fn test(
         .then(|| crate::deliver::client(&plan.settings.delivery.user_agent));
     let mut out = Vec::new();
     for f in &fired {
-        let mut v = json!(crate::simulate::FiredJson::new(&plan, f));
+        let mut v = json!(crate::simulate::FiredJson::new(f));
         if let (Some(c), Ok(r)) = (&client, &f.request) {
-            let tried = crate::deliver::send_once(c, &plan, &f.postback, r).await;
+            let tried = crate::deliver::send_once(c, &plan, &f.postback, &r.request).await;
             tracing::info!(postback = %f.postback, outcome = %tried.outcome, "test postback sent by hand");
             v["answer"] = json!(tried);
         }

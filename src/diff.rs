@@ -88,7 +88,7 @@ pub fn diff(old: &Plan, old_dir: &Path, new: &Plan, new_dir: &Path, samples: &[S
     for s in samples {
         d.samples += 1;
         let (before, after) = (fire(old, s), fire(new, s));
-        let lines = compare(old, &before, new, &after);
+        let lines = compare(&before, &after);
         if !lines.is_empty() {
             d.effects.push((s.label.clone(), lines));
         }
@@ -109,21 +109,16 @@ fn fire(plan: &Plan, s: &Sample) -> Result<Vec<Fired>, String> {
     Ok(simulate::simulate(plan, &history))
 }
 
-fn one_line(plan: &Plan, f: &Fired) -> String {
+fn one_line(f: &Fired) -> String {
     match &f.request {
-        Ok(r) => simulate::describe(plan, r)
+        Ok(r) => simulate::describe(r.shown())
             .replace("\n\n", "  body: ")
             .replace('\n', "  "),
         Err(e) => format!("cannot render: {e}"),
     }
 }
 
-fn compare(
-    old: &Plan,
-    before: &Result<Vec<Fired>, String>,
-    new: &Plan,
-    after: &Result<Vec<Fired>, String>,
-) -> Vec<String> {
+fn compare(before: &Result<Vec<Fired>, String>, after: &Result<Vec<Fired>, String>) -> Vec<String> {
     let (b, a) = match (before, after) {
         (Ok(b), Ok(a)) => (b, a),
         (Err(e), Ok(_)) => return vec![format!("the event was invalid before: {e}")],
@@ -133,9 +128,9 @@ fn compare(
     let mut out = Vec::new();
     for f in a {
         match b.iter().find(|x| x.postback == f.postback) {
-            None => out.push(format!("+ starts  {}: {}", f.postback, one_line(new, f))),
+            None => out.push(format!("+ starts  {}: {}", f.postback, one_line(f))),
             Some(x) => {
-                let (was, now) = (one_line(old, x), one_line(new, f));
+                let (was, now) = (one_line(x), one_line(f));
                 if was != now || x.delay != f.delay {
                     out.push(format!("~ changes {}:", f.postback));
                     out.push(format!("    was: {was}{}", held(x)));
@@ -146,7 +141,7 @@ fn compare(
     }
     for x in b {
         if !a.iter().any(|f| f.postback == x.postback) {
-            out.push(format!("- stops   {}: {}", x.postback, one_line(old, x)));
+            out.push(format!("- stops   {}: {}", x.postback, one_line(x)));
         }
     }
     out

@@ -121,6 +121,9 @@ pub struct Postback {
     /// A hash of the postback as written (secrets unexpanded, positions ignored): equal
     /// fingerprints mean an unchanged rule, for `postbackd diff`.
     pub fingerprint: String,
+    /// Whether a secret is placed anywhere in its request (then what is shown is rendered
+    /// apart from what is sent).
+    pub has_secret: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,8 +186,14 @@ pub enum JsonTemplate {
 
 #[derive(Debug, Clone)]
 pub enum Auth {
-    Basic { username: String, password: String },
-    Bearer(String),
+    /// `masked`: the username or password is a secret, so the header shows as `Basic ***`.
+    Basic {
+        username: String,
+        password: String,
+        masked: bool,
+    },
+    /// The token, and the token as shown (`***` where it holds a secret).
+    Bearer { token: String, shown: String },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -205,6 +214,8 @@ pub struct Entry {
     pub enabled: bool,
     pub delay: Duration,
     pub vars: Arc<BTreeMap<String, String>>,
+    /// The vars as shown, when a secret is in one of them.
+    pub shown_vars: Option<Arc<BTreeMap<String, String>>>,
     pub conditions: Conditions,
 }
 
@@ -244,8 +255,10 @@ pub struct Plan {
     pub index: HashMap<(Kind, String), Vec<usize>>,
     pub entry_by_key: HashMap<(String, String), usize>,
     pub engine: Engine,
-    /// Secret values, masked out of the delivery log.
+    /// Every secret value, longest first: scrubbed from what destinations answer.
     pub secrets: Vec<String>,
+    /// The secrets templates place, by number (`__secret_N`).
+    pub template_secrets: Arc<[String]>,
 }
 
 impl Plan {
@@ -318,7 +331,7 @@ impl Plan {
             return false;
         }
         if let Some(expr) = &c.expr {
-            let ctx = ctx.get_or_init(|| crate::render::event_context(event, None, ""));
+            let ctx = ctx.get_or_init(|| crate::render::event_context(event, None, "", None));
             match self.engine.holds(expr, ctx) {
                 Ok(b) => return b,
                 Err(e) => {
@@ -361,16 +374,37 @@ impl Plan {
         self.by_id.get(id).map(|i| &self.postbacks[*i])
     }
 
-    /// Masks secret values in text bound for the delivery log.
-    pub fn redact(&self, text: &str) -> String {
+    /// Masks secret values in text that postbackd did not write itself: a destination's
+    /// answer, an error from the network. Requests are masked where secrets are placed
+    /// into them ([`crate::render`]); this is the net under what comes back, in every form
+    /// a secret is commonly echoed in (as is, percent-encoded, form-encoded, JSON-escaped).
+    pub fn scrub(&self, text: &str) -> String {
         let mut out = text.to_string();
         for s in &self.secrets {
-            if s.len() >= 4 && out.contains(s.as_str()) {
-                out = out.replace(s.as_str(), "***");
+            for form in encodings(s) {
+                if out.contains(form.as_str()) {
+                    out = out.replace(form.as_str(), "***");
+                }
             }
         }
         out
     }
+}
+
+/// The forms a secret takes in text: as is, percent-encoded, form-encoded, JSON-escaped.
+fn encodings(s: &str) -> Vec<String> {
+    let mut forms = vec![
+        s.to_string(),
+        crate::render::template::percent_encode(s),
+        form_urlencoded::byte_serialize(s.as_bytes()).collect(),
+    ];
+    if let Ok(j) = serde_json::to_string(s) {
+        forms.push(j[1..j.len() - 1].to_string());
+    }
+    forms.sort();
+    forms.dedup();
+    forms.retain(|f| !f.is_empty());
+    forms
 }
 
 fn field_in(event: &Event, field: &str, values: &[String]) -> bool {

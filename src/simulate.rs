@@ -4,19 +4,19 @@
 
 use crate::ingest::event::Event;
 use crate::plan::Plan;
-use crate::render::{self, Request};
+use crate::render::{self, Rendered, Request};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-/// One postback an event fires. The request is the real one, secrets included: show it
-/// with [`describe`] or [`FiredJson::new`], which mask them.
+/// One postback an event fires. The request is the real one, secrets included; its
+/// [`Rendered::shown`] form is what [`describe`] and [`FiredJson::new`] show.
 #[derive(Debug, Clone)]
 pub struct Fired {
     pub postback: String,
     pub offer: String,
     pub delay: Duration,
-    pub request: Result<Request, String>,
+    pub request: Result<Rendered, String>,
 }
 
 /// Folds `history` (earlier events of the same conversion, oldest first, then the event
@@ -46,10 +46,9 @@ pub fn simulate(plan: &Plan, history: &[Event]) -> Vec<Fired> {
         .collect()
 }
 
-/// A request as text people read: method and URL, headers, a blank line, the body.
-/// Secrets are masked.
-pub fn describe(plan: &Plan, r: &Request) -> String {
-    let r = r.clone().redacted(plan);
+/// A request as text people read: method and URL, headers, a blank line, the body. Give it
+/// the shown form of a request, where secrets are masked.
+pub fn describe(r: &Request) -> String {
     let mut out = format!("{} {}", r.method.as_str(), r.url);
     for (k, v) in &r.headers {
         out.push_str(&format!("\n{k}: {v}"));
@@ -72,8 +71,8 @@ pub struct FiredJson {
 
 impl FiredJson {
     /// Secrets are masked.
-    pub fn new(plan: &Plan, f: &Fired) -> Self {
-        let request = f.request.clone().map(|r| r.redacted(plan));
+    pub fn new(f: &Fired) -> Self {
+        let request = f.request.as_ref().map(Rendered::shown);
         FiredJson {
             postback: f.postback.clone(),
             offer: f.offer.clone(),

@@ -1,7 +1,6 @@
 //! The commands for changing rules safely: `test` (rule unit tests), `fire` (what one event
 //! would send, and optionally send it) and `diff` (what a change does).
 
-use crate::plan::Plan;
 use crate::simulate;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -137,13 +136,18 @@ pub fn fire(
     let client = crate::deliver::client(&plan.settings.delivery.user_agent);
     let mut failed = false;
     for f in &fired {
-        print_fired(&plan, f);
+        print_fired(f);
         let Ok(req) = &f.request else {
             failed = true;
             continue;
         };
         if send {
-            let t = rt.block_on(crate::deliver::send_once(&client, &plan, &f.postback, req));
+            let t = rt.block_on(crate::deliver::send_once(
+                &client,
+                &plan,
+                &f.postback,
+                &req.request,
+            ));
             let status = t
                 .status
                 .map(|s| s.to_string())
@@ -169,7 +173,7 @@ pub fn fire(
     }
 }
 
-fn print_fired(plan: &Plan, f: &simulate::Fired) {
+fn print_fired(f: &simulate::Fired) {
     let mut head = format!("-> {}", f.postback);
     if f.offer != crate::plan::ALL_OFFERS {
         head.push_str(&format!(" (offer {})", f.offer));
@@ -180,7 +184,7 @@ fn print_fired(plan: &Plan, f: &simulate::Fired) {
     println!("{head}");
     match &f.request {
         Ok(r) => {
-            for l in simulate::describe(plan, r).lines() {
+            for l in simulate::describe(r.shown()).lines() {
                 println!("   {l}");
             }
         }

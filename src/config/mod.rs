@@ -25,6 +25,9 @@ use std::time::Duration;
 
 pub const SETTINGS_FILE: &str = "postbackd.yaml";
 
+/// The names templates read placed secrets by (`__secret_0`, …).
+pub use secret::PREFIX as SECRET_PREFIX;
+
 /// One problem in the config, located.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ConfigError {
@@ -179,6 +182,7 @@ pub fn load_dir(dir: &Path) -> Result<Plan, ConfigErrors> {
         .map(|(i, p)| (p.id.clone(), i))
         .collect();
     let mut secrets = c.secrets;
+    secrets.retain(|s| !s.is_empty());
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     secrets.dedup();
     Ok(Plan {
@@ -194,6 +198,7 @@ pub fn load_dir(dir: &Path) -> Result<Plan, ConfigErrors> {
         entry_by_key,
         engine: c.engine,
         secrets,
+        template_secrets: c.template_secrets.into(),
     })
 }
 
@@ -400,7 +405,12 @@ struct Compiler {
     postbacks: Vec<Postback>,
     postback_origin: HashMap<String, (PathBuf, u64)>,
     entries: Vec<Entry>,
+    /// Every secret value, for scrubbing what comes back from destinations.
     secrets: Vec<String>,
+    /// Secret values by number, as templates read them (`__secret_N`).
+    template_secrets: Vec<String>,
+    /// Whether the postback being compiled places a secret anywhere.
+    postback_has_secret: bool,
     /// `delivery.destinations` keys with where they were written, checked once every
     /// postback's destination is known.
     destination_keys: Vec<(String, u64, u64)>,
@@ -485,12 +495,63 @@ impl Compiler {
         self.err_at(file, line, column, None, first, hint);
     }
 
-    /// Expands `${env:NAME}` / `${file:PATH}`; records the secret for log redaction.
+    /// Expands `${env:NAME}` / `${file:PATH}` into the value; records it for scrubbing.
     fn expand(&mut self, cx: &Ctx, s: &Spanned<String>) -> String {
+        self.expand_pair(cx, s).0
+    }
+
+    /// The value to send and, when it holds a secret, the same with `***` for showing.
+    fn expand_pair(&mut self, cx: &Ctx, s: &Spanned<String>) -> (String, Option<String>) {
+        let pieces = self.pieces(cx, s);
+        let shown = secret::has_secret(&pieces).then(|| secret::masked(&pieces));
+        (secret::real(&pieces), shown)
+    }
+
+    /// A template's text: the value with secrets in place (for checks of what is sent) and
+    /// the source to compile, where each secret is a variable (see [`secret::template_source`]).
+    fn template_text(&mut self, cx: &Ctx, s: &Spanned<String>) -> (String, String) {
+        let pieces = self.pieces(cx, s);
+        self.placed(cx, s, &pieces)
+    }
+
+    fn placed(
+        &mut self,
+        cx: &Ctx,
+        at: &Spanned<String>,
+        pieces: &[secret::Piece],
+    ) -> (String, String) {
+        let real = secret::real(pieces);
+        if !secret::has_secret(pieces) {
+            return (real.clone(), real);
+        }
+        match secret::template_source(pieces, self.template_secrets.len()) {
+            Ok((src, values)) => {
+                self.template_secrets.extend(values);
+                (real, src)
+            }
+            Err(m) => {
+                self.err(
+                    cx,
+                    at,
+                    m,
+                    Some("or declare it under `vars:` and use {{ vars.NAME }}".into()),
+                );
+                (real, secret::masked(pieces))
+            }
+        }
+    }
+
+    /// Reads a string's references; records the secrets found.
+    fn pieces(&mut self, cx: &Ctx, s: &Spanned<String>) -> Vec<secret::Piece> {
         match secret::expand(&s.value) {
-            Ok((text, found)) => {
-                self.secrets.extend(found);
-                text
+            Ok(pieces) => {
+                for p in &pieces {
+                    if let secret::Piece::Secret { value, .. } = p {
+                        self.secrets.push(value.clone());
+                        self.postback_has_secret = true;
+                    }
+                }
+                pieces
             }
             Err(msg) => {
                 self.err(
@@ -502,7 +563,7 @@ impl Compiler {
                             .into(),
                     ),
                 );
-                String::new()
+                Vec::new()
             }
         }
     }
@@ -823,7 +884,7 @@ impl Compiler {
                 Some((h, t)) => (h, Some(t)),
                 None => (v.as_str(), None),
             };
-            if head == "params" {
+            if head == "params" || head.starts_with(secret::PREFIX) {
                 continue;
             }
             if head == "vars" {
@@ -972,6 +1033,7 @@ impl Compiler {
         self.postback_origin
             .insert(id.clone(), (file.to_path_buf(), p.id.referenced.line()));
         let errors_before = self.errors.len();
+        self.postback_has_secret = false;
 
         let trigger = match Kind::parse(&p.trigger.value) {
             Some(k)
@@ -1134,10 +1196,15 @@ impl Compiler {
                 None
             }
         };
-        let vars: BTreeMap<String, String> = p
+        // Each var as sent and as shown (`***` for its secrets).
+        let vars: BTreeMap<String, (String, String)> = p
             .vars
             .iter()
-            .map(|(k, v)| (k.clone(), self.expand(&cx, v)))
+            .map(|(k, v)| {
+                let (real, shown) = self.expand_pair(&cx, v);
+                let shown = shown.unwrap_or_else(|| real.clone());
+                (k.clone(), (real, shown))
+            })
             .collect();
         if self.errors.len() > errors_before {
             return;
@@ -1157,6 +1224,7 @@ impl Compiler {
             http,
             retry,
             fingerprint: fingerprint(p),
+            has_secret: self.postback_has_secret,
         });
         let base_enabled = p.enabled.unwrap_or(true);
         for offer in scope {
@@ -1172,8 +1240,9 @@ impl Compiler {
             };
             if let Some(ov) = ov {
                 for (k, v) in &ov.vars {
-                    let val = self.expand(&cx, v);
-                    entry_vars.insert(k.clone(), val);
+                    let (real, shown) = self.expand_pair(&cx, v);
+                    let shown = shown.unwrap_or_else(|| real.clone());
+                    entry_vars.insert(k.clone(), (real, shown));
                 }
                 if let Some(d) = &ov.delay {
                     entry_delay = self.duration(&cx, d).unwrap_or(entry_delay);
@@ -1206,12 +1275,27 @@ impl Compiler {
                     );
                 }
             }
+            let shown_vars = entry_vars
+                .values()
+                .any(|(real, shown)| real != shown)
+                .then(|| {
+                    Arc::new(
+                        entry_vars
+                            .iter()
+                            .map(|(k, (_, s))| (k.clone(), s.clone()))
+                            .collect(),
+                    )
+                });
+            if shown_vars.is_some() {
+                self.postbacks[pb_index].has_secret = true;
+            }
             self.entries.push(Entry {
                 postback: pb_index,
                 offer,
                 enabled: entry_enabled,
                 delay: entry_delay,
-                vars: Arc::new(entry_vars),
+                vars: Arc::new(entry_vars.into_iter().map(|(k, (r, _))| (k, r)).collect()),
+                shown_vars,
                 conditions: conds,
             });
         }
@@ -1244,7 +1328,7 @@ impl Compiler {
                 }
             },
         };
-        let url_text = self.expand(cx, &h.url);
+        let (url_text, url_src) = self.template_text(cx, &h.url);
         // URL confinement: the scheme and host are written in the rule, never rendered from
         // event data, so a crafted click id cannot redirect a postback.
         let static_prefix = url_text.split("{").next().unwrap_or("");
@@ -1255,9 +1339,10 @@ impl Compiler {
             None => self.err(
                 cx,
                 &h.url,
+                // The url as written: an expanded secret never goes into a message.
                 format!(
                     "url must start with http:// or https://, got `{}`",
-                    truncate(&url_text, 60)
+                    truncate(&h.url.value, 60)
                 ),
                 Some(
                     "write the full url, e.g. https://tracker.example/postback?cid={clickid}"
@@ -1276,10 +1361,10 @@ impl Compiler {
             Some("") => self.err(cx, &h.url, "url has no host", None),
             _ => {}
         }
-        let url = self.template(cx, &h.url, &url_text, Escape::Url, true, declared);
+        let url = self.template(cx, &h.url, &url_src, Escape::Url, true, declared);
         let mut params = Vec::new();
         for (k, v) in &h.params {
-            let text = self.expand(cx, v);
+            let (_, text) = self.template_text(cx, v);
             if let Some(t) = self.template(cx, v, &text, Escape::Plain, true, declared) {
                 params.push((k.clone(), t));
             }
@@ -1294,7 +1379,7 @@ impl Compiler {
                 self.err(cx, v, format!("`{k}` is not a valid header name"), None);
                 continue;
             }
-            let text = self.expand(cx, v);
+            let (_, text) = self.template_text(cx, v);
             if let Some(t) = self.template(cx, v, &text, Escape::Plain, true, declared) {
                 headers.push((k.clone(), t));
             }
@@ -1324,7 +1409,7 @@ impl Compiler {
         let body = if let Some(form) = &h.form {
             let mut fields = Vec::new();
             for (k, v) in form {
-                let text = self.expand(cx, v);
+                let (_, text) = self.template_text(cx, v);
                 if let Some(t) = self.template(cx, v, &text, Escape::Plain, true, declared) {
                     fields.push((k.clone(), t));
                 }
@@ -1334,7 +1419,7 @@ impl Compiler {
             let at = Spanned::new(String::new(), j.referenced, j.defined);
             Body::Json(self.json_template(cx, &at, &j.value, declared))
         } else if let Some(b) = &h.body {
-            let text = self.expand(cx, b);
+            let (_, text) = self.template_text(cx, b);
             let ct = h
                 .content_type
                 .clone()
@@ -1358,11 +1443,22 @@ impl Compiler {
             .auth
             .as_ref()
             .and_then(|a| match (&a.username, &a.password, &a.bearer) {
-                (Some(u), Some(p), None) => Some(Auth::Basic {
-                    username: self.expand(cx, u),
-                    password: self.expand(cx, p),
-                }),
-                (None, None, Some(b)) => Some(Auth::Bearer(self.expand(cx, b))),
+                (Some(u), Some(p), None) => {
+                    let (username, u_shown) = self.expand_pair(cx, u);
+                    let (password, p_shown) = self.expand_pair(cx, p);
+                    Some(Auth::Basic {
+                        username,
+                        password,
+                        masked: u_shown.is_some() || p_shown.is_some(),
+                    })
+                }
+                (None, None, Some(b)) => {
+                    let (token, shown) = self.expand_pair(cx, b);
+                    Some(Auth::Bearer {
+                        shown: shown.unwrap_or_else(|| token.clone()),
+                        token,
+                    })
+                }
                 _ => {
                     self.err(
                         cx,
@@ -1405,17 +1501,9 @@ impl Compiler {
     ) -> JsonTemplate {
         match v {
             serde_json::Value::String(s) => {
-                let expanded = match secret::expand(s) {
-                    Ok((t, found)) => {
-                        self.secrets.extend(found);
-                        t
-                    }
-                    Err(m) => {
-                        self.err(cx, at, m, None);
-                        return JsonTemplate::Static(v.clone());
-                    }
-                };
-                let src = expand_shorthand(&expanded);
+                let at_text = Spanned::new(s.clone(), at.referenced, at.defined);
+                let (expanded, src) = self.template_text(cx, &at_text);
+                let src = expand_shorthand(&src);
                 if !src.contains("{{") && !src.contains("{%") {
                     return JsonTemplate::Static(serde_json::Value::String(expanded));
                 }
@@ -1423,7 +1511,6 @@ impl Compiler {
                 let whole = trimmed.starts_with("{{")
                     && trimmed.ends_with("}}")
                     && trimmed.matches("{{").count() == 1;
-                let at_text = Spanned::new(s.clone(), at.referenced, at.defined);
                 let (src, esc) = if whole {
                     (trimmed.to_string(), Escape::Json)
                 } else {

@@ -173,7 +173,9 @@ fn per_offer_overrides_and_disabled_entries() {
     assert_eq!(m.len(), 1);
     assert_eq!(m[0].delay, Duration::from_secs(30));
     let e = event(&[("clickid", "c d"), ("offer_id", "2"), ("affiliate_id", "5")]);
-    let req = crate::render::render(&p, &p.entries[m[0].entry], &e).unwrap();
+    let req = crate::render::render(&p, &p.entries[m[0].entry], &e)
+        .unwrap()
+        .request;
     assert_eq!(req.url, "https://t.example/a?t=two&c=c%20d");
     assert!(fired(
         &p,
@@ -181,7 +183,9 @@ fn per_offer_overrides_and_disabled_entries() {
     )
     .is_empty());
     let m = p.matches(&event(&[("clickid", "c"), ("offer_id", "1")]));
-    let req = crate::render::render(&p, &p.entries[m[0].entry], &e).unwrap();
+    let req = crate::render::render(&p, &p.entries[m[0].entry], &e)
+        .unwrap()
+        .request;
     assert!(
         req.url.starts_with("https://t.example/a?t=base"),
         "{}",
@@ -258,26 +262,108 @@ fn index_only_visits_candidate_entries() {
     );
 }
 
+/// A secret in a file, for `${file:…}` (tests never set environment variables: they run
+/// in parallel).
+fn secret_file(dir: &tempfile::TempDir, name: &str, value: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, value).unwrap();
+    format!("${{file:{}}}", path.display())
+}
+
 #[test]
-fn secrets_are_masked() {
-    std::env::set_var("POSTBACKD_TEST_TOKEN_MASK", "hunter22");
-    let p = plan(&[(
-        "r.yaml",
-        &pb("  - id: s\n    trigger: conversion\n    http: { url: \"https://t.example/?k=${env:POSTBACKD_TEST_TOKEN_MASK}&c={clickid}\" }\n"),
-    )]);
-    assert_eq!(
-        p.redact("https://t.example/?k=hunter22&c=1"),
-        "https://t.example/?k=***&c=1"
+fn secrets_are_masked_where_they_are_placed() {
+    let dir = tempfile::tempdir().unwrap();
+    // Characters that every encoding changes: / + = for URLs, " and \ for JSON.
+    let tok = secret_file(&dir, "tok", "enc/sec+BBBB=2222\"q\\");
+    let user = secret_file(&dir, "user", "api-user");
+    let short = secret_file(&dir, "short", "z9");
+    let rules = format!(
+        r#"  - id: s
+    trigger: conversion
+    vars: {{ key: "{tok}" }}
+    http:
+      method: POST
+      url: "https://t.example/{short}/?k={tok}&c={{clickid}}"
+      params: {{ t: "{tok}", u: "{{{{ vars.key | upper }}}}", f: "{{{{ '{tok}' | lower }}}}" }}
+      headers: {{ x-key: "{tok}" }}
+      auth: {{ username: "{user}", password: "{tok}" }}
+      json: {{ token: "{tok}", nested: ["{tok}", "{{{{ vars.key }}}}"], cid: "{{clickid}}" }}
+  - id: b
+    trigger: conversion
+    http: {{ url: "https://t.example/b", auth: {{ bearer: "{tok}" }} }}
+"#
     );
+    let p = plan(&[("r.yaml", &pb(&rules))]);
+    let e = event(&[("clickid", "c1")]);
+    let secret = "enc/sec+BBBB=2222\"q\\";
+    let forms = [
+        secret.to_string(),
+        crate::render::template::percent_encode(secret),
+        form_urlencoded::byte_serialize(secret.as_bytes()).collect::<String>(),
+        serde_json::to_string(secret).unwrap(),
+        secret.to_uppercase(),
+        form_urlencoded::byte_serialize(secret.to_uppercase().as_bytes()).collect::<String>(),
+        "z9".to_string(),
+    ];
+    for m in p.matches(&e) {
+        let r = crate::render::render(&p, &p.entries[m.entry], &e).unwrap();
+        let sent = crate::simulate::describe(&r.request);
+        let shown = crate::simulate::describe(r.shown());
+        assert!(sent.contains(secret) || sent.contains("Bearer"), "{sent}");
+        for f in &forms {
+            assert!(!shown.contains(f.as_str()), "`{f}` shows in:\n{shown}");
+        }
+        assert!(
+            !shown.contains("YXBp"),
+            "basic auth shows its base64:\n{shown}"
+        );
+        assert!(shown.contains("***"), "{shown}");
+        if m.postback_id == "s" {
+            assert!(
+                shown.starts_with("POST https://t.example/***/?k=***&c=c1&f=***&t=***&u=***"),
+                "{shown}"
+            );
+            assert!(shown.contains("authorization: Basic ***"), "{shown}");
+            assert!(
+                shown.contains(r#"{"cid":"c1","nested":["***","***"],"token":"***"}"#),
+                "{shown}"
+            );
+            assert!(sent.contains("/z9/?k=enc/sec+BBBB=2222"), "{sent}");
+        } else {
+            assert!(shown.contains("authorization: Bearer ***"), "{shown}");
+        }
+    }
+    // What comes back from a destination is scrubbed of every common form.
+    for f in &forms[..4] {
+        let out = p.scrub(&format!("echo {f} end"));
+        assert!(
+            out.contains("***") && !forms.iter().any(|f| out.contains(f.as_str())),
+            "{out}"
+        );
+    }
+}
+
+#[test]
+fn errors_name_a_secret_by_its_reference_not_its_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = secret_file(&dir, "s", "sup3rsecretvalue");
+    let errs = errors(&[(
+        "r.yaml",
+        &pb(&format!(
+            "  - id: s\n    trigger: conversion\n    http: {{ url: \"{s} not a url\" }}\n"
+        )),
+    )]);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("${file:"), "{errs:?}");
+    assert!(!errs[0].contains("sup3rsecretvalue"), "{errs:?}");
 }
 
 #[test]
 fn destinations_rates_retention_and_tokens() {
-    std::env::set_var("PBD_TEST_ADMIN_TOKEN", "0123456789abcdef0123");
     let p = plan(&[
         (
             "postbackd.yaml",
-            "retention: 7d\ndelivery:\n  per_destination: 3\n  destinations:\n    Tracker.Example: { concurrency: 1, rate: 120/m }\napi:\n  admin_tokens: [\"${env:PBD_TEST_ADMIN_TOKEN}\"]\n",
+            "retention: 7d\ndelivery:\n  per_destination: 3\n  destinations:\n    Tracker.Example: { concurrency: 1, rate: 120/m }\napi:\n  admin_tokens: [\"${env:PBD_TEST_UNSET_ADMIN_TOKEN:-0123456789abcdef0123}\"]\n",
         ),
         (
             "r.yaml",
@@ -291,8 +377,8 @@ fn destinations_rates_retention_and_tokens() {
     assert_eq!(d.concurrency_for("127.0.0.1:9000"), 3);
     assert_eq!(d.destinations["tracker.example"].rate, Some(2.0));
     assert_eq!(p.settings.admin_tokens, ["0123456789abcdef0123"]);
-    // The token is a secret: masked wherever the plan redacts.
-    assert_eq!(p.redact("x 0123456789abcdef0123 y"), "x *** y");
+    // The token is a secret: scrubbed from what destinations answer.
+    assert_eq!(p.scrub("x 0123456789abcdef0123 y"), "x *** y");
 
     let errs = errors(&[(
         "postbackd.yaml",

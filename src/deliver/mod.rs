@@ -126,7 +126,7 @@ impl Deliverer {
         let pb = &plan.postbacks[entry.postback];
         let attempt_no = d.attempts + 1;
         let started = crate::now_ms();
-        let req = match render::render(&plan, entry, &d.event) {
+        let rendered = match render::render(&plan, entry, &d.event) {
             Ok(r) => r,
             Err(e) => {
                 let next = schedule::next(
@@ -142,7 +142,7 @@ impl Deliverer {
                 let a = Attempt {
                     started_at: started,
                     outcome: "render_error".into(),
-                    error: Some(e.to_string()),
+                    error: Some(plan.scrub(&e.to_string())),
                     config_version: plan.hash.clone(),
                     method: pb.http.method.as_str().into(),
                     ..Attempt::default()
@@ -152,7 +152,7 @@ impl Deliverer {
         };
         let timeout = pb.http.timeout.unwrap_or(plan.settings.delivery.timeout);
         let t0 = Instant::now();
-        let result = self.send(&req, timeout).await;
+        let result = self.send(&rendered.request, timeout).await;
         let duration_ms = t0.elapsed().as_millis() as i64;
         let out = outcome::judge(result, &pb.http.success);
         let retryable = out.retryable();
@@ -170,6 +170,7 @@ impl Deliverer {
             )
         };
         let (status, body, error) = out.parts();
+        let shown = rendered.shown();
         tracing::info!(
             delivery = d.id,
             postback = %pb.id,
@@ -178,22 +179,22 @@ impl Deliverer {
             status = status.map(i64::from).unwrap_or(0),
             duration_ms,
             next = next_label(&next),
-            url = %plan.redact(&req.url),
+            url = %render::escape_controls(&shown.url),
             "delivery attempt"
         );
         let a = Attempt {
             started_at: started,
             duration_ms,
-            method: req.method.as_str().into(),
-            url: plan.redact(&req.url),
-            request_body: req
+            method: shown.method.as_str().into(),
+            url: shown.url.clone(),
+            request_body: shown
                 .body
                 .as_ref()
                 .filter(|b| !b.is_empty())
-                .map(|b| plan.redact(&String::from_utf8_lossy(&b[..b.len().min(4096)]))),
+                .map(|b| String::from_utf8_lossy(&b[..b.len().min(4096)]).into_owned()),
             response_status: status,
-            response_body: body.map(|b| plan.redact(&b)),
-            error,
+            response_body: body.map(|b| plan.scrub(&b)),
+            error: error.map(|e| plan.scrub(&e)),
             outcome: out.class().into(),
             config_version: plan.hash.clone(),
         };
@@ -296,8 +297,8 @@ pub async fn send_once(
     Tried {
         outcome: out.class().to_string(),
         status,
-        body: body.map(|b| plan.redact(&b)),
-        error,
+        body: body.map(|b| plan.scrub(&b)),
+        error: error.map(|e| plan.scrub(&e)),
         duration_ms,
     }
 }

@@ -36,6 +36,9 @@ pub fn judge(
     result: Result<(u16, Option<Duration>, String), reqwest::Error>,
     success: &Success,
 ) -> Outcome {
+    // The error's url would carry what was placed in it, secrets included: the attempt
+    // already records the url as shown.
+    let result = result.map_err(reqwest::Error::without_url);
     let (status, retry_after, body) = match result {
         Ok(r) => r,
         Err(e) if e.is_timeout() => return Outcome::Timeout(error_chain(&e)),

@@ -45,16 +45,21 @@ pub const EXTRA_NAMES: &[&str] = &[
 /// Values are made when a template asks for them: a postback URL reads a handful of the
 /// fifty names, and building them all (dates, a random id, the params map) cost more than
 /// rendering.
+///
+/// `secrets` are the values templates place (`__secret_N`); without them every secret
+/// reads `***`, which is how a request is rendered for showing.
 pub fn event_context(
     event: &Event,
     vars: Option<&BTreeMap<String, String>>,
     postback_id: &str,
+    secrets: Option<Arc<[String]>>,
 ) -> Value {
     Value::from_object(Context {
         event: event.clone(),
         vars: vars.cloned().unwrap_or_default(),
         postback_id: postback_id.to_string(),
         rand: OnceLock::new(),
+        secrets,
     })
 }
 
@@ -66,6 +71,8 @@ struct Context {
     postback_id: String,
     /// One random id per render, however often the template uses it.
     rand: OnceLock<Value>,
+    /// The secrets' values, or none to show each as `***`.
+    secrets: Option<Arc<[String]>>,
 }
 
 impl Context {
@@ -81,6 +88,19 @@ impl Context {
         };
         if let Some(canonical) = alias {
             return self.lookup(canonical);
+        }
+        if let Some(n) = name.strip_prefix(crate::config::SECRET_PREFIX) {
+            let n: usize = n.parse().ok()?;
+            return Some(Value::from_safe_string(match &self.secrets {
+                Some(values) => values.get(n)?.clone(),
+                None => "***".to_string(),
+            }));
+        }
+        if let Some(field) = name.strip_prefix(simple::EXACT_PREFIX) {
+            return Some(match self.event.field(field) {
+                Some(s) => exact_amount(s),
+                None => Value::from(()),
+            });
         }
         let e = &self.event;
         Some(match name {
@@ -144,14 +164,60 @@ impl Object for Context {
     }
 }
 
-/// A money amount as a number: whole amounts as integers (so `30` renders as `30`, not
-/// `30.0`), others as floats.
+/// A money amount as a number, for expressions: whole amounts as integers, exactly (up to
+/// 39 digits), others as floats. Printing an amount does not go through this: see
+/// [`exact_amount`].
 fn number(s: &str) -> Value {
-    match s.parse::<f64>() {
-        Ok(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Value::from(f as i64),
-        Ok(f) => Value::from(f),
-        Err(_) => Value::from(s),
+    if let Ok(i) = s.trim().parse::<i128>() {
+        return Value::from(i);
     }
+    match s.trim().parse::<f64>() {
+        Ok(f) if f.is_finite() => Value::from(f),
+        _ => Value::from(s),
+    }
+}
+
+/// A money amount as printed: the text as received when it is a plain decimal (`12.50`
+/// stays `12.50`, `12345678901234567890` stays whole), written unquoted in JSON like a
+/// number; any other text is an ordinary string.
+fn exact_amount(s: &str) -> Value {
+    if is_decimal(s) {
+        Value::from_safe_string(s.to_string())
+    } else {
+        Value::from(s)
+    }
+}
+
+/// `-?digits[.digits][e[-]digits]`: a JSON number that needs no escaping in a URL.
+fn is_decimal(s: &str) -> bool {
+    let b = s.strip_prefix('-').unwrap_or(s).as_bytes();
+    let digits = |b: &[u8], i: &mut usize| {
+        let start = *i;
+        while *i < b.len() && b[*i].is_ascii_digit() {
+            *i += 1;
+        }
+        *i > start
+    };
+    let mut i = 0;
+    if !digits(b, &mut i) || (b[0] == b'0' && i > 1) {
+        return false;
+    }
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        if !digits(b, &mut i) {
+            return false;
+        }
+    }
+    if matches!(b.get(i), Some(b'e') | Some(b'E')) {
+        i += 1;
+        if b.get(i) == Some(&b'-') {
+            i += 1;
+        }
+        if !digits(b, &mut i) {
+            return false;
+        }
+    }
+    i == b.len()
 }
 
 /// The request a delivery sends.
@@ -163,17 +229,20 @@ pub struct Request {
     pub body: Option<Vec<u8>>,
 }
 
-impl Request {
-    /// The request with secret values masked, for showing to people.
-    pub fn redacted(mut self, plan: &Plan) -> Request {
-        self.url = plan.redact(&self.url);
-        for (_, v) in &mut self.headers {
-            *v = plan.redact(v);
-        }
-        if let Some(b) = &self.body {
-            self.body = Some(plan.redact(&String::from_utf8_lossy(b)).into_bytes());
-        }
-        self
+/// A rendered postback: the request that is sent and the same request as people see it,
+/// with every secret shown as `***` in whatever form its template put it (encoded,
+/// escaped, filtered, inside an `authorization` header).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    pub request: Request,
+    /// None when the postback places no secret: then it is shown as it is sent.
+    shown: Option<Request>,
+}
+
+impl Rendered {
+    /// The request for logs, the delivery log and the tools.
+    pub fn shown(&self) -> &Request {
+        self.shown.as_ref().unwrap_or(&self.request)
     }
 }
 
@@ -181,6 +250,7 @@ impl Request {
 pub enum RenderError {
     #[error("{part}: {message}")]
     Template { part: String, message: String },
+    /// The url as shown (secrets masked).
     #[error("rendered url `{0}` is not a valid http(s) url")]
     BadUrl(String),
     #[error("header `{0}` would contain a line break")]
@@ -201,11 +271,37 @@ fn render_part(
         })
 }
 
-/// Renders one entry's postback for an event.
-pub fn render(plan: &Plan, entry: &Entry, event: &Event) -> Result<Request, RenderError> {
+/// Renders one entry's postback for an event: what is sent, and what is shown.
+pub fn render(plan: &Plan, entry: &Entry, event: &Event) -> Result<Rendered, RenderError> {
+    let has_secret = plan.postbacks[entry.postback].has_secret;
+    let request = match build(plan, entry, event, true) {
+        Ok(r) => r,
+        Err(RenderError::BadUrl(_)) if has_secret => {
+            let shown = build(plan, entry, event, false).map(|r| r.url);
+            return Err(RenderError::BadUrl(shown.unwrap_or_else(|_| "***".into())));
+        }
+        Err(e) => return Err(e),
+    };
+    let shown = if has_secret {
+        Some(build(plan, entry, event, false)?)
+    } else {
+        None
+    };
+    Ok(Rendered { request, shown })
+}
+
+/// The request with secrets revealed (to send) or shown as `***`. Only the one sent is
+/// checked for a valid url: a masked url (`***` for a secret that is the whole url) need
+/// not be one.
+fn build(plan: &Plan, entry: &Entry, event: &Event, reveal: bool) -> Result<Request, RenderError> {
     let pb = &plan.postbacks[entry.postback];
     let http = &pb.http;
-    let ctx = event_context(event, Some(&entry.vars), &pb.id);
+    let (vars, secrets) = if reveal {
+        (&entry.vars, Some(plan.template_secrets.clone()))
+    } else {
+        (entry.shown_vars.as_ref().unwrap_or(&entry.vars), None)
+    };
+    let ctx = event_context(event, Some(vars), &pb.id, secrets);
     let engine = &plan.engine;
     let mut url = render_part(engine, "url", &http.url, &ctx)?;
     if !http.params.is_empty() {
@@ -217,9 +313,16 @@ pub fn render(plan: &Plan, entry: &Entry, event: &Event) -> Result<Request, Rend
         url.push(if url.contains('?') { '&' } else { '?' });
         url.push_str(&q);
     }
-    let parsed = reqwest::Url::parse(&url).map_err(|_| RenderError::BadUrl(url.clone()))?;
-    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-        return Err(RenderError::BadUrl(url));
+    // The url as it goes on the wire: parsing drops tabs and line breaks and encodes what
+    // must be, so what is logged is what is sent.
+    match reqwest::Url::parse(&url) {
+        Ok(parsed)
+            if matches!(parsed.scheme(), "http" | "https") && parsed.host_str().is_some() =>
+        {
+            url = parsed.into();
+        }
+        _ if reveal => return Err(RenderError::BadUrl(url)),
+        _ => url = escape_controls(&url),
     }
     let mut headers = Vec::new();
     for (k, t) in &http.headers {
@@ -230,18 +333,20 @@ pub fn render(plan: &Plan, entry: &Entry, event: &Event) -> Result<Request, Rend
         headers.push((k.clone(), v));
     }
     match &http.auth {
-        Some(Auth::Basic { username, password }) => {
-            use base64_lite::encode;
-            headers.push((
-                "authorization".into(),
-                format!(
-                    "Basic {}",
-                    encode(format!("{username}:{password}").as_bytes())
-                ),
-            ));
+        Some(Auth::Basic { masked: true, .. }) if !reveal => {
+            headers.push(("authorization".into(), "Basic ***".into()));
         }
-        Some(Auth::Bearer(token)) => {
-            headers.push(("authorization".into(), format!("Bearer {token}")));
+        Some(Auth::Basic {
+            username, password, ..
+        }) => {
+            use base64::Engine as _;
+            let token =
+                base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+            headers.push(("authorization".into(), format!("Basic {token}")));
+        }
+        Some(Auth::Bearer { token, shown }) => {
+            let t = if reveal { token } else { shown };
+            headers.push(("authorization".into(), format!("Bearer {t}")));
         }
         None => {}
     }
@@ -256,9 +361,10 @@ pub fn render(plan: &Plan, entry: &Entry, event: &Event) -> Result<Request, Rend
             Some(ser.finish().into_bytes())
         }
         Body::Json(j) => {
-            let v = render_json(engine, j, &ctx, "json")?;
+            let mut out = String::new();
+            render_json(engine, j, &ctx, "json", &mut out)?;
             set_content_type(&mut headers, "application/json");
-            Some(serde_json::to_vec(&v).unwrap_or_default())
+            Some(out.into_bytes())
         }
         Body::Raw {
             template,
@@ -269,21 +375,34 @@ pub fn render(plan: &Plan, entry: &Entry, event: &Event) -> Result<Request, Rend
             Some(b.into_bytes())
         }
     };
-    if http.method != Method::Get && body.is_none() {
-        // Some servers reject a POST without a length; send an explicit empty body.
-        return Ok(Request {
-            method: http.method,
-            url,
-            headers,
-            body: Some(Vec::new()),
-        });
-    }
+    // Some servers reject a POST without a length; send an explicit empty body.
+    let body = match body {
+        None if http.method != Method::Get => Some(Vec::new()),
+        b => b,
+    };
     Ok(Request {
         method: http.method,
         url,
         headers,
         body,
     })
+}
+
+/// Text with control characters written as escapes (`\r`, `\n`, `\u{1b}`), for logs: a
+/// value from a webhook cannot start a line of its own.
+pub fn escape_controls(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn set_content_type(headers: &mut Vec<(String, String)>, ct: &str) {
@@ -295,71 +414,52 @@ fn set_content_type(headers: &mut Vec<(String, String)>, ct: &str) {
     }
 }
 
+/// Writes a JSON body. A string that was one whole expression is written as the JSON its
+/// value is (a number as its text, so an amount keeps every digit it arrived with), or as a
+/// string when it is not JSON.
 fn render_json(
     engine: &Engine,
     j: &JsonTemplate,
     ctx: &Value,
     path: &str,
-) -> Result<serde_json::Value, RenderError> {
-    Ok(match j {
-        JsonTemplate::Static(v) => v.clone(),
-        JsonTemplate::Text(t) => serde_json::Value::String(render_part(engine, path, t, ctx)?),
+    out: &mut String,
+) -> Result<(), RenderError> {
+    let quoted = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+    match j {
+        JsonTemplate::Static(v) => out.push_str(&v.to_string()),
+        JsonTemplate::Text(t) => out.push_str(&quoted(&render_part(engine, path, t, ctx)?)),
         JsonTemplate::Whole(t) => {
             let text = render_part(engine, path, t, ctx)?;
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
-        }
-        JsonTemplate::Array(items) => serde_json::Value::Array(
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, x)| render_json(engine, x, ctx, &format!("{path}[{i}]")))
-                .collect::<Result<_, _>>()?,
-        ),
-        JsonTemplate::Object(fields) => {
-            let mut m = serde_json::Map::new();
-            for (k, x) in fields {
-                m.insert(
-                    k.clone(),
-                    render_json(engine, x, ctx, &format!("{path}.{k}"))?,
-                );
+            let trimmed = text.trim();
+            if !trimmed.is_empty() && serde_json::from_str::<serde::de::IgnoredAny>(trimmed).is_ok()
+            {
+                out.push_str(trimmed);
+            } else {
+                out.push_str(&quoted(&text));
             }
-            serde_json::Value::Object(m)
         }
-    })
-}
-
-/// Standard base64 for basic auth, to avoid a dependency for twelve lines.
-mod base64_lite {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-    pub fn encode(input: &[u8]) -> String {
-        let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-        for chunk in input.chunks(3) {
-            let b = [
-                chunk[0],
-                *chunk.get(1).unwrap_or(&0),
-                *chunk.get(2).unwrap_or(&0),
-            ];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-                } else {
-                    out.push('=');
+        JsonTemplate::Array(items) => {
+            out.push('[');
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
                 }
+                render_json(engine, x, ctx, &format!("{path}[{i}]"), out)?;
             }
+            out.push(']');
         }
-        out
+        JsonTemplate::Object(fields) => {
+            out.push('{');
+            for (i, (k, x)) in fields.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&quoted(k));
+                out.push(':');
+                render_json(engine, x, ctx, &format!("{path}.{k}"), out)?;
+            }
+            out.push('}');
+        }
     }
-
-    #[cfg(test)]
-    #[test]
-    fn known_vectors() {
-        assert_eq!(
-            encode(b"Aladdin:open sesame"),
-            "QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
-        );
-        assert_eq!(encode(b"ab"), "YWI=");
-        assert_eq!(encode(b""), "");
-    }
+    Ok(())
 }

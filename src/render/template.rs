@@ -253,6 +253,11 @@ fn describe(e: Error) -> String {
     msg
 }
 
+/// Percent-encodes everything but RFC 3986's unreserved characters, as URL templates do.
+pub fn percent_encode(s: &str) -> String {
+    utf8_percent_encode(s, COMPONENT).to_string()
+}
+
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     bytes.iter().fold(String::with_capacity(64), |mut s, b| {

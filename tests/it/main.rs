@@ -9,4 +9,5 @@ mod log;
 mod metrics;
 mod reload;
 mod rules;
+mod secrets;
 mod support;
