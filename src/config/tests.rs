@@ -416,3 +416,52 @@ fn a_limit_for_a_host_nobody_sends_to_is_an_error() {
         ["postbackd.yaml:3:29: delivery.destinations: no postback sends to `trackr.example`"]
     );
 }
+
+#[test]
+fn amounts_are_sent_exactly_as_received() {
+    let p = plan(&[(
+        "r.yaml",
+        &pb(r#"  - id: m
+    trigger: conversion
+    if: "payout > 10"
+    http:
+      method: POST
+      url: "https://t.example/?sum={payout}&r={{ revenue }}"
+      json: { amount: "{{ payout }}", text: "sum {payout}", double: "{{ payout | float * 2 }}" }
+"#),
+    )]);
+    for (payout, url, amount) in [
+        ("12.50", "sum=12.50&r=", "12.50"),
+        (
+            "12345678901234567890",
+            "sum=12345678901234567890&r=",
+            "12345678901234567890",
+        ),
+        ("1e308", "sum=1e308&r=", "1e308"),
+    ] {
+        let e = event(&[("clickid", "c"), ("payout", payout)]);
+        let m = p.matches(&e);
+        assert_eq!(m.len(), 1, "{payout} > 10 holds");
+        let r = crate::render::render(&p, &p.entries[m[0].entry], &e)
+            .unwrap()
+            .request;
+        assert!(r.url.ends_with(url), "{payout}: {}", r.url);
+        let body = String::from_utf8(r.body.unwrap()).unwrap();
+        assert!(body.contains(&format!(r#""amount":{amount},"#)), "{body}");
+        assert!(
+            body.contains(&format!(r#""text":"sum {amount}""#)),
+            "{body}"
+        );
+    }
+    let e = event(&[("clickid", "c"), ("payout", "12.50"), ("revenue", "3")]);
+    let r = crate::render::render(&p, &p.entries[p.matches(&e)[0].entry], &e)
+        .unwrap()
+        .request;
+    assert!(r.url.ends_with("sum=12.50&r=3"), "{}", r.url);
+    assert!(String::from_utf8(r.body.unwrap())
+        .unwrap()
+        .contains(r#""double":25.0"#));
+    assert!(p
+        .matches(&event(&[("clickid", "c"), ("payout", "9.99")]))
+        .is_empty());
+}

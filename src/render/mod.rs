@@ -96,7 +96,7 @@ impl Context {
                 None => "***".to_string(),
             }));
         }
-        if let Some(field) = name.strip_prefix(simple::EXACT_PREFIX) {
+        if let Some(field) = name.strip_prefix(template::EXACT_PREFIX) {
             return Some(match self.event.field(field) {
                 Some(s) => exact_amount(s),
                 None => Value::from(()),

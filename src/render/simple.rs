@@ -14,20 +14,6 @@
 use super::template::{apply_escape, Escape};
 use minijinja::Value;
 
-/// A macro that prints an amount (`{{ payout }}`) reads it under this prefix
-/// (`__exact_payout`): the amount's text as received, where minijinja, which computes with
-/// it, sees a number. So `12.50` is sent as `12.50`.
-pub const EXACT_PREFIX: &str = "__exact_";
-
-/// The names of money amounts and the field each prints.
-fn amount_field(name: &str) -> Option<&'static str> {
-    match name {
-        "payout" | "sum" | "amount" => Some("payout"),
-        "revenue" => Some("revenue"),
-        _ => None,
-    }
-}
-
 /// A filter the simple path knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Filter {
@@ -51,7 +37,7 @@ impl Filter {
         Filter::Digits,
     ];
 
-    fn parse(name: &str) -> Option<Filter> {
+    pub fn parse(name: &str) -> Option<Filter> {
         Filter::ALL.into_iter().find(|f| f.name() == name)
     }
 
@@ -151,12 +137,8 @@ impl Simple {
             let close = rest[body_start..].find("}}")? + body_start;
             let (path, filters) = parse_macro(&rest[body_start..close])?;
             vars.push(path.join("."));
-            let path: Vec<Box<str>> = match (path.as_slice(), amount_field(path[0])) {
-                ([_], Some(field)) => vec![format!("{EXACT_PREFIX}{field}").into()],
-                _ => path.into_iter().map(Box::from).collect(),
-            };
             parts.push(Part::Macro {
-                path: path.into(),
+                path: path.into_iter().map(Box::from).collect(),
                 filters: filters.into(),
             });
             rest = &rest[close + 2..];

@@ -132,6 +132,8 @@ impl Engine {
         source: &str,
         escape: Escape,
     ) -> Result<(TemplateId, Vec<String>), String> {
+        let exact = exact_amounts(source);
+        let source = exact.as_str();
         let id = TemplateId(self.templates.len() as u32);
         if self.simple {
             if let Some((simple, vars)) = Simple::parse(source) {
@@ -140,7 +142,7 @@ impl Engine {
                     escape,
                     source: source.into(),
                 });
-                return Ok((id, vars));
+                return Ok((id, amounts_by_name(vars)));
             }
         }
         let name = format!("t{}{}", id.0, escape.suffix());
@@ -149,9 +151,8 @@ impl Engine {
             .map_err(describe)?;
         let tmpl = self.env.get_template(&name).map_err(describe)?;
         let mut vars: Vec<String> = tmpl.undeclared_variables(true).into_iter().collect();
-        vars.sort();
         self.templates.push(Compiled::Jinja(name));
-        Ok((id, vars))
+        Ok((id, amounts_by_name(vars)))
     }
 
     /// Compiles a boolean expression (`payout > 0 and country != "US"`).
@@ -251,6 +252,72 @@ fn describe(e: Error) -> String {
         }
     }
     msg
+}
+
+/// A macro that only prints an amount (`{{ payout }}`, `{payout}`, with at most the
+/// simple filters) reads it under this prefix (`__exact_payout`): the amount's text as
+/// received, so `12.50` is sent as `12.50`. Expressions that compute or compare
+/// (`{{ payout * 0.8 }}`, `if: payout > 10`) see the amount as a number.
+pub const EXACT_PREFIX: &str = "__exact_";
+
+/// The field each name of a money amount stands for.
+fn amount_field(name: &str) -> Option<&'static str> {
+    match name {
+        "payout" | "sum" | "amount" => Some("payout"),
+        "revenue" => Some("revenue"),
+        _ => None,
+    }
+}
+
+/// Rewrites every `{{ payout [| filter …] }}` that only prints the amount to read its
+/// exact text (see [`EXACT_PREFIX`]).
+fn exact_amounts(src: &str) -> String {
+    let mut out = String::with_capacity(src.len());
+    let mut rest = src;
+    while let Some(open) = rest.find("{{") {
+        let Some(len) = rest[open + 2..].find("}}") else {
+            break;
+        };
+        let inner = &rest[open + 2..open + 2 + len];
+        out.push_str(&rest[..open]);
+        let mut pieces = inner.split('|');
+        let head = pieces.next().unwrap_or_default().trim();
+        let filters: Vec<&str> = pieces.map(str::trim).collect();
+        match amount_field(head) {
+            Some(field)
+                if !inner.starts_with('-')
+                    && !inner.ends_with('-')
+                    && filters.iter().all(|f| Filter::parse(f).is_some()) =>
+            {
+                out.push_str("{{ ");
+                out.push_str(EXACT_PREFIX);
+                out.push_str(field);
+                for f in filters {
+                    out.push_str(" | ");
+                    out.push_str(f);
+                }
+                out.push_str(" }}");
+            }
+            _ => out.push_str(&rest[open..open + 4 + len]),
+        }
+        rest = &rest[open + 4 + len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The variables a template reads, with the exact amounts under their own names.
+fn amounts_by_name(vars: Vec<String>) -> Vec<String> {
+    let mut vars: Vec<String> = vars
+        .into_iter()
+        .map(|v| match v.strip_prefix(EXACT_PREFIX) {
+            Some(field) => field.to_string(),
+            None => v,
+        })
+        .collect();
+    vars.sort();
+    vars.dedup();
+    vars
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters, as URL templates do.
@@ -468,6 +535,10 @@ mod tests {
         let mut m: std::collections::BTreeMap<String, Value> = Default::default();
         m.insert("clickid".into(), Value::from("a b&c"));
         m.insert("payout".into(), Value::from(12.5));
+        m.insert(
+            "__exact_payout".into(),
+            Value::from_safe_string("12.50".into()),
+        );
         m.insert("status".into(), Value::from("approved"));
         m.insert("email".into(), Value::from("  John@Example.com "));
         m.insert("timestamp".into(), Value::from(1_700_000_000));
@@ -489,7 +560,7 @@ mod tests {
                 Escape::Url
             )
             .unwrap(),
-            "https://t.example/pb?cid=a%20b%26c&sum=12.5"
+            "https://t.example/pb?cid=a%20b%26c&sum=12.50"
         );
         assert_eq!(
             render("https://t.example/{clickid:raw}", Escape::Url).unwrap(),
@@ -531,7 +602,7 @@ mod tests {
                 Escape::Json
             )
             .unwrap(),
-            r#"{"cid": "a b&c", "sum": 12.5}"#
+            r#"{"cid": "a b&c", "sum": 12.50}"#
         );
     }
 
@@ -585,6 +656,10 @@ mod tests {
         let mut m: std::collections::BTreeMap<String, Value> = Default::default();
         m.insert("clickid".into(), Value::from("a b&c/ü"));
         m.insert("payout".into(), Value::from(12.5));
+        m.insert(
+            "__exact_payout".into(),
+            Value::from_safe_string("12.50".into()),
+        );
         m.insert("n".into(), Value::from(30));
         m.insert("flag".into(), Value::from(true));
         m.insert("email".into(), Value::from("  John@Example.com "));

@@ -328,3 +328,26 @@ async fn a_dead_destination_is_survived() {
     let (code, _) = get_json(&d.url("/-/ready")).await;
     assert_eq!(code, 200);
 }
+
+/// Money is sent as it arrived: no float in between, from a query string or a JSON body.
+#[tokio::test]
+async fn amounts_are_sent_as_received() {
+    let (sink, _cfg, d) = shipped().await;
+    let (code, body) = get_json(&d.url(
+        "/postback?clickid=m1&tid=M-1&offer_id=1001&goal=deposit&affiliate_id=42&payout=12345678901234567890&status=approved",
+    ))
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let r = client()
+        .post(d.url("/postback"))
+        .header("content-type", "application/json")
+        .body(r#"{"clickid":"m2","tid":"M-2","offer_id":1001,"goal":"deposit","affiliate_id":42,"payout":12.50,"status":"approved"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let got = sink.wait_for(Some("/aff42"), 2, WAIT).await;
+    let mut payouts: Vec<String> = got.iter().map(|r| r.param("payout").unwrap()).collect();
+    payouts.sort();
+    assert_eq!(payouts, ["12.50", "12345678901234567890"], "{}", d.logs());
+}
