@@ -150,7 +150,7 @@ impl Engine {
             .add_template_owned(name.clone(), source.to_string())
             .map_err(describe)?;
         let tmpl = self.env.get_template(&name).map_err(describe)?;
-        let mut vars: Vec<String> = tmpl.undeclared_variables(true).into_iter().collect();
+        let vars: Vec<String> = tmpl.undeclared_variables(true).into_iter().collect();
         self.templates.push(Compiled::Jinja(name));
         Ok((id, amounts_by_name(vars)))
     }
