@@ -160,6 +160,7 @@ pub fn load_dir(dir: &Path) -> Result<Plan, ConfigErrors> {
         }
     }
     c.check_destination_keys(&settings_file);
+    c.check_retention(&settings);
     if !c.errors.is_empty() {
         c.errors
             .sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
@@ -411,6 +412,10 @@ struct Compiler {
     template_secrets: Vec<String>,
     /// Whether the postback being compiled places a secret anywhere.
     postback_has_secret: bool,
+    /// Where `retention` was written, checked against the longest life of a delivery.
+    retention_at: Option<(PathBuf, u64, u64)>,
+    /// The longest `delay` of any postback.
+    longest_delay: Duration,
     /// `delivery.destinations` keys with where they were written, checked once every
     /// postback's destination is known.
     destination_keys: Vec<(String, u64, u64)>,
@@ -451,6 +456,30 @@ impl Compiler {
     ) {
         let (l, c) = (at.referenced.line(), at.referenced.column());
         self.err_at(cx.file, l, c, cx.postback, message.into(), hint);
+    }
+
+    /// A conversion must outlive its deliveries: retention below the longest a delivery can
+    /// stay unfinished (held for its delay, then retried until `max_age`) would forget what a
+    /// conversion has already fired while its postbacks are still going out.
+    fn check_retention(&mut self, settings: &Settings) {
+        let Some((file, line, column)) = self.retention_at.clone() else {
+            return;
+        };
+        let needed = settings.delivery.max_age + self.longest_delay;
+        if settings.retention < needed {
+            self.err_at(
+                &file,
+                line,
+                column,
+                None,
+                format!(
+                    "retention ({}s) is shorter than delivery.max_age plus the longest delay ({}s)",
+                    settings.retention.as_secs(),
+                    needed.as_secs()
+                ),
+                Some("raise retention, or lower delivery.max_age or the delays".into()),
+            );
+        }
     }
 
     /// A limit for a host no postback sends to is a typo or a leftover: say so.
@@ -682,7 +711,14 @@ impl Compiler {
             }
         }
         let retention = match &raw.retention {
-            Some(r) => self.duration(&cx, r).unwrap_or(DEFAULT_RETENTION),
+            Some(r) => {
+                self.retention_at = Some((
+                    file.to_path_buf(),
+                    r.referenced.line(),
+                    r.referenced.column(),
+                ));
+                self.duration(&cx, r).unwrap_or(DEFAULT_RETENTION)
+            }
             None => DEFAULT_RETENTION,
         };
         let mut admin_tokens = Vec::new();
@@ -749,7 +785,15 @@ impl Compiler {
                 }
             }
             if let Some(lv) = &l.level {
-                log_level = lv.clone();
+                if let Some(bad) = bad_log_level(&lv.value) {
+                    self.err(
+                        &cx,
+                        lv,
+                        format!("log.level: `{bad}` is not a level"),
+                        Some("use error, warn, info, debug or trace, or target=level pairs like info,postbackd::deliver=debug".into()),
+                    );
+                }
+                log_level = lv.value.clone();
             }
         }
         Settings {
@@ -1163,6 +1207,7 @@ impl Compiler {
             .as_ref()
             .and_then(|d| self.duration(&cx, d))
             .unwrap_or_default();
+        self.longest_delay = self.longest_delay.max(delay);
         let retry = match &p.retry {
             Some(r) => r.iter().filter_map(|s| self.duration(&cx, s)).collect(),
             None => defaults.retry.clone(),
@@ -1246,6 +1291,7 @@ impl Compiler {
                 }
                 if let Some(d) = &ov.delay {
                     entry_delay = self.duration(&cx, d).unwrap_or(entry_delay);
+                    self.longest_delay = self.longest_delay.max(entry_delay);
                 }
                 if let Some(e) = ov.enabled {
                     entry_enabled = e;
@@ -1535,6 +1581,15 @@ impl Compiler {
             other => JsonTemplate::Static(other.clone()),
         }
     }
+}
+
+/// The first directive of a `log.level` that names no level, if any.
+fn bad_log_level(spec: &str) -> Option<String> {
+    const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+    spec.split(',').map(str::trim).find_map(|d| {
+        let level = d.rsplit_once('=').map(|(_, l)| l).unwrap_or(d);
+        (!LEVELS.contains(&level.to_ascii_lowercase().as_str())).then(|| d.to_string())
+    })
 }
 
 fn default_listen() -> std::net::SocketAddr {

@@ -121,7 +121,7 @@ pub struct RawDeliverySettings {
 #[serde(deny_unknown_fields)]
 pub struct RawLog {
     pub format: Option<Spanned<String>>,
-    pub level: Option<String>,
+    pub level: Option<Spanned<String>>,
 }
 
 /// A rule file: any `*.yaml` / `*.yml` in the config directory other than `postbackd.yaml`.

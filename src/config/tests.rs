@@ -465,3 +465,21 @@ fn amounts_are_sent_exactly_as_received() {
         .matches(&event(&[("clickid", "c"), ("payout", "9.99")]))
         .is_empty());
 }
+
+#[test]
+fn retention_must_outlive_deliveries_and_log_level_must_be_a_level() {
+    let errs = errors(&[
+        ("postbackd.yaml", "retention: 1h\ndelivery:\n  max_age: 50m\nlog:\n  level: verbose\n"),
+        ("r.yaml", &pb("  - id: a\n    trigger: conversion\n    delay: 20m\n    http: { url: \"https://t.example/a\" }\n")),
+    ]);
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert!(errs[0].starts_with("postbackd.yaml:1:12: retention (3600s) is shorter than delivery.max_age plus the longest delay (4200s)"), "{errs:?}");
+    assert!(
+        errs[1].starts_with("postbackd.yaml:5:10: log.level: `verbose` is not a level"),
+        "{errs:?}"
+    );
+    plan(&[
+        ("postbackd.yaml", "retention: 2h\ndelivery:\n  max_age: 50m\nlog:\n  level: info,postbackd::deliver=debug\n"),
+        ("r.yaml", &pb("  - id: a\n    trigger: conversion\n    delay: 20m\n    http: { url: \"https://t.example/a\" }\n")),
+    ]);
+}

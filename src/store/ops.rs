@@ -389,8 +389,14 @@ pub(super) fn prune(c: &Connection, before: i64, limit: usize) -> rusqlite::Resu
         .execute(params![before, limit as i64])?;
     let conversions = c
         .prepare_cached(
+            // A conversion stays while any of its deliveries is unfinished: its `sent`
+            // list is the dedupe, and without it a repeated status would fire again.
+            // Pending deliveries' order keys start with the conversion key and `|`.
             "DELETE FROM conversions WHERE key IN
-               (SELECT key FROM conversions WHERE updated_at < ?1 LIMIT ?2)",
+               (SELECT key FROM conversions c WHERE updated_at < ?1
+                  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.state = 0
+                       AND d.order_key >= c.key || '|' AND d.order_key < c.key || '}')
+                LIMIT ?2)",
         )?
         .execute(params![before, limit as i64])?;
     Ok(ids.len().max(events).max(conversions))
