@@ -483,3 +483,21 @@ fn retention_must_outlive_deliveries_and_log_level_must_be_a_level() {
         ("r.yaml", &pb("  - id: a\n    trigger: conversion\n    delay: 20m\n    http: { url: \"https://t.example/a\" }\n")),
     ]);
 }
+
+#[test]
+fn an_unknown_filter_is_a_check_error() {
+    let errs = errors(&[(
+        "r.yaml",
+        &pb("  - id: a\n    trigger: conversion\n    http: { url: \"https://t.example/?t={{ transaction_id | nosuchfilter }}&u={{ clickid | uper }}\" }\n"),
+    )]);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("unknown filter `nosuchfilter`"),
+        "{errs:?}"
+    );
+    // Known filters, and a `|` inside a string, are fine.
+    plan(&[(
+        "r.yaml",
+        &pb("  - id: a\n    trigger: conversion\n    http: { url: \"https://t.example/?t={{ clickid | default('a|b') | upper }}&s={status:approved=1}\" }\n"),
+    )]);
+}

@@ -145,6 +145,26 @@ impl Engine {
                 return Ok((id, amounts_by_name(vars)));
             }
         }
+        if let Some(bad) = self.unknown_filter(source) {
+            let known = Filter::ALL.iter().map(|f| f.name()).chain([
+                "value_map",
+                "date",
+                "urlencode",
+                "default",
+                "float",
+                "int",
+                "round",
+                "trim",
+                "replace",
+                "join",
+                "length",
+                "tojson",
+            ]);
+            let hint = crate::config::suggest(&bad, known)
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            return Err(format!("unknown filter `{bad}`{hint}"));
+        }
         let name = format!("t{}{}", id.0, escape.suffix());
         self.env
             .add_template_owned(name.clone(), source.to_string())
@@ -153,6 +173,54 @@ impl Engine {
         let vars: Vec<String> = tmpl.undeclared_variables(true).into_iter().collect();
         self.templates.push(Compiled::Jinja(name));
         Ok((id, amounts_by_name(vars)))
+    }
+
+    /// The first filter a template names that the engine does not have. minijinja finds an
+    /// unknown filter only when it renders, so every name after a `|` inside a block is
+    /// tried here once, at compile time.
+    fn unknown_filter(&self, source: &str) -> Option<String> {
+        let mut rest = source;
+        while let Some(open) = rest.find(['{']) {
+            let after = &rest[open + 1..];
+            let close = match after.chars().next() {
+                Some('{') => "}}",
+                Some('%') => "%}",
+                _ => {
+                    rest = after;
+                    continue;
+                }
+            };
+            let end = after.find(close).unwrap_or(after.len());
+            // String literals may hold a `|` of their own: leave them out.
+            let mut block = String::new();
+            let mut quote = None;
+            for c in after[1..end].chars() {
+                match quote {
+                    Some(q) if c == q => quote = None,
+                    Some(_) => {}
+                    None if c == '"' || c == '\'' => quote = Some(c),
+                    None => block.push(c),
+                }
+            }
+            for piece in block.split('|').skip(1) {
+                let name: String = piece
+                    .trim_start()
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if name.is_empty() {
+                    continue;
+                }
+                let probe = format!("{{{{ none | {name} }}}}");
+                if let Err(e) = self.env.render_str(&probe, ()) {
+                    if e.kind() == ErrorKind::UnknownFilter {
+                        return Some(name);
+                    }
+                }
+            }
+            rest = &after[end.min(after.len())..];
+        }
+        None
     }
 
     /// Compiles a boolean expression (`payout > 0 and country != "US"`).
