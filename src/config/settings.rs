@@ -1,0 +1,202 @@
+//! Compiling `postbackd.yaml`: listen address, store, delivery limits, retention, API
+//! tokens and logging.
+
+use super::*;
+
+impl Compiler {
+    pub(super) fn settings(&mut self, file: &Path, raw: RawSettings, dir: &Path) -> Settings {
+        let cx = Ctx {
+            file,
+            postback: None,
+        };
+        let listen = match &raw.listen {
+            Some(l) => match l.value.parse() {
+                Ok(a) => a,
+                Err(_) => {
+                    self.err(
+                        &cx,
+                        l,
+                        format!("listen: `{}` is not an address", l.value),
+                        Some("write it as 127.0.0.1:8080 or 0.0.0.0:8080".into()),
+                    );
+                    default_listen()
+                }
+            },
+            None => default_listen(),
+        };
+        let data_dir = match &raw.data_dir {
+            Some(d) => {
+                let p = PathBuf::from(&d.value);
+                if p.is_absolute() {
+                    p
+                } else {
+                    dir.join(p)
+                }
+            }
+            None => dir.join("data"),
+        };
+        let mut delivery = DeliverySettings::default();
+        if let Some(d) = &raw.delivery {
+            if let Some(t) = &d.timeout {
+                delivery.timeout = self.duration(&cx, t).unwrap_or(delivery.timeout);
+            }
+            if let Some(n) = &d.concurrency {
+                if n.value == 0 {
+                    self.err(&cx, n, "delivery.concurrency must be at least 1", None);
+                }
+                delivery.concurrency = n.value.max(1) as usize;
+            }
+            if let Some(n) = &d.per_destination {
+                if n.value == 0 {
+                    self.err(&cx, n, "delivery.per_destination must be at least 1", None);
+                }
+                delivery.per_destination = n.value.max(1) as usize;
+            }
+            if let Some(r) = &d.retry {
+                delivery.retry = r.iter().filter_map(|s| self.duration(&cx, s)).collect();
+            }
+            if let Some(m) = &d.max_age {
+                delivery.max_age = self.duration(&cx, m).unwrap_or(delivery.max_age);
+            }
+            if let Some(ua) = &d.user_agent {
+                delivery.user_agent = ua.clone();
+            }
+            for (host, raw) in &d.destinations {
+                let mut dest = DestinationSettings::default();
+                if let Some(n) = &raw.concurrency {
+                    if n.value == 0 {
+                        self.err(
+                            &cx,
+                            n,
+                            format!("delivery.destinations.{host}.concurrency must be at least 1"),
+                            None,
+                        );
+                    }
+                    dest.concurrency = Some(n.value.max(1) as usize);
+                }
+                if let Some(r) = &raw.rate {
+                    match parse_rate(&r.value) {
+                        Ok(v) => dest.rate = Some(v),
+                        Err(m) => self.err(
+                            &cx,
+                            r,
+                            m,
+                            Some("write a rate like 10/s, 600/m or 3600/h".into()),
+                        ),
+                    }
+                }
+                let at = raw
+                    .concurrency
+                    .as_ref()
+                    .map(|n| (n.referenced.line(), n.referenced.column()))
+                    .or(raw
+                        .rate
+                        .as_ref()
+                        .map(|r| (r.referenced.line(), r.referenced.column())));
+                if let Some((l, c)) = at {
+                    self.destination_keys
+                        .push((host.to_ascii_lowercase(), l, c));
+                }
+                delivery
+                    .destinations
+                    .insert(host.to_ascii_lowercase(), dest);
+            }
+        }
+        let retention = match &raw.retention {
+            Some(r) => {
+                self.retention_at = Some((
+                    file.to_path_buf(),
+                    r.referenced.line(),
+                    r.referenced.column(),
+                ));
+                self.duration(&cx, r).unwrap_or(DEFAULT_RETENTION)
+            }
+            None => DEFAULT_RETENTION,
+        };
+        let mut admin_tokens = Vec::new();
+        let mut affiliate_tokens = Vec::new();
+        for (affiliate, t) in raw.api.iter().flat_map(|a| &a.affiliate_tokens) {
+            if !t.value.trim_start().starts_with("${") {
+                self.err(
+                    &cx,
+                    t,
+                    format!("api.affiliate_tokens.{affiliate}: a token must not be written in the config"),
+                    Some("read it from the environment or a file: ${env:AFFILIATE_42_TOKEN}".into()),
+                );
+                continue;
+            }
+            let token = self.expand(&cx, t);
+            if token.len() < 16 && !token.is_empty() {
+                self.err(
+                    &cx,
+                    t,
+                    format!(
+                        "api.affiliate_tokens.{affiliate}: a token needs at least 16 characters"
+                    ),
+                    None,
+                );
+            } else if !token.is_empty() {
+                affiliate_tokens.push((token, affiliate.clone()));
+            }
+        }
+        for t in raw.api.iter().flat_map(|a| &a.admin_tokens) {
+            if !t.value.trim_start().starts_with("${") {
+                self.err(
+                    &cx,
+                    t,
+                    "api.admin_tokens: a token must not be written in the config",
+                    Some("read it from the environment or a file: ${env:POSTBACKD_ADMIN_TOKEN} or ${file:/run/secrets/postbackd}".into()),
+                );
+                continue;
+            }
+            let token = self.expand(&cx, t);
+            if token.len() < 16 && !token.is_empty() {
+                self.err(
+                    &cx,
+                    t,
+                    "api.admin_tokens: a token needs at least 16 characters",
+                    Some("generate one with: openssl rand -hex 24".into()),
+                );
+            } else if !token.is_empty() {
+                admin_tokens.push(token);
+            }
+        }
+        let mut log_json = false;
+        let mut log_level = "info".to_string();
+        if let Some(l) = &raw.log {
+            if let Some(f) = &l.format {
+                match f.value.as_str() {
+                    "json" => log_json = true,
+                    "text" => {}
+                    other => self.err(
+                        &cx,
+                        f,
+                        format!("log.format: unknown format `{other}`"),
+                        Some("use text or json".into()),
+                    ),
+                }
+            }
+            if let Some(lv) = &l.level {
+                if let Some(bad) = bad_log_level(&lv.value) {
+                    self.err(
+                        &cx,
+                        lv,
+                        format!("log.level: `{bad}` is not a level"),
+                        Some("use error, warn, info, debug or trace, or target=level pairs like info,postbackd::deliver=debug".into()),
+                    );
+                }
+                log_level = lv.value.clone();
+            }
+        }
+        Settings {
+            listen,
+            data_dir,
+            delivery,
+            log_json,
+            log_level,
+            retention,
+            admin_tokens,
+            affiliate_tokens,
+        }
+    }
+}
