@@ -60,6 +60,8 @@ pub struct Engine {
     templates: Vec<Compiled>,
     /// Off in tests that compare both paths.
     simple: bool,
+    /// Filter names already found to exist, so each is tried once per plan.
+    known_filters: std::collections::HashSet<String>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -113,6 +115,7 @@ impl Engine {
             env,
             templates: Vec::new(),
             simple: true,
+            known_filters: Default::default(),
         }
     }
 
@@ -178,7 +181,7 @@ impl Engine {
     /// The first filter a template names that the engine does not have. minijinja finds an
     /// unknown filter only when it renders, so every name after a `|` inside a block is
     /// tried here once, at compile time.
-    fn unknown_filter(&self, source: &str) -> Option<String> {
+    fn unknown_filter(&mut self, source: &str) -> Option<String> {
         let mut rest = source;
         while let Some(open) = rest.find(['{']) {
             let after = &rest[open + 1..];
@@ -208,7 +211,7 @@ impl Engine {
                     .chars()
                     .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                     .collect();
-                if name.is_empty() {
+                if name.is_empty() || self.known_filters.contains(&name) {
                     continue;
                 }
                 let probe = format!("{{{{ none | {name} }}}}");
@@ -217,6 +220,7 @@ impl Engine {
                         return Some(name);
                     }
                 }
+                self.known_filters.insert(name);
             }
             rest = &after[end.min(after.len())..];
         }
