@@ -42,6 +42,33 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// A unix-ms time as RFC 3339 in UTC, to the second (`2026-12-03T11:33:25Z`).
+pub fn utc_text(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+/// A duration the way the config writes them (`1h30m`, `45s`, `250ms`).
+pub fn duration_text(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
+    if ms % 1000 != 0 {
+        return format!("{ms}ms");
+    }
+    let s = ms / 1000;
+    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    let mut out = String::new();
+    for (v, unit) in [(h, "h"), (m, "m"), (s, "s")] {
+        if v > 0 {
+            out.push_str(&format!("{v}{unit}"));
+        }
+    }
+    out
+}
+
 /// How to start the daemon.
 #[derive(Debug, Clone)]
 pub struct Options {

@@ -30,6 +30,10 @@ pub struct Settings {
     pub affiliate_tokens: Vec<(String, String)>,
 }
 
+/// How long, by default, deliveries wait for their postback to come back to the config: a
+/// day covers a bad push found the next morning.
+pub const DEFAULT_ORPHAN_GRACE: Duration = Duration::from_secs(86400);
+
 /// Default retention of the delivery log.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 86400);
 
@@ -40,6 +44,9 @@ pub struct DeliverySettings {
     pub per_destination: usize,
     pub retry: Vec<Duration>,
     pub max_age: Duration,
+    /// How long deliveries of a postback that is no longer in the config wait for a reload
+    /// to bring it back before they are cancelled.
+    pub orphan_grace: Duration,
     pub user_agent: String,
     /// Per-destination overrides, keyed by host (or `host:port`) as written in the URLs.
     pub destinations: HashMap<String, DestinationSettings>,
@@ -76,6 +83,7 @@ impl Default for DeliverySettings {
                 .map(Duration::from_secs)
                 .collect(),
             max_age: Duration::from_secs(72 * 3600),
+            orphan_grace: DEFAULT_ORPHAN_GRACE,
             user_agent: format!("postbackd/{}", env!("CARGO_PKG_VERSION")),
             destinations: HashMap::new(),
         }

@@ -96,13 +96,14 @@ async fn reload(
 /// `GET /metrics`: the Prometheus exposition.
 async fn metrics_page(State(state): State<AppState>) -> axum::response::Response {
     let now = crate::now_ms();
-    let (pending, retries, oldest) = state.store.queue_stats().await.unwrap_or((0, 0, None));
+    let q = state.store.queue_stats().await.unwrap_or_default();
     let plan = state.plan.load();
     let status = state.reloader.status();
     let s = crate::telemetry::State {
-        pending,
-        retries_waiting: retries,
-        oldest_pending_age_seconds: oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0),
+        pending: q.pending,
+        retries_waiting: q.retries,
+        orphaned: q.orphaned,
+        oldest_pending_age_seconds: q.oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0),
         store_writable: state.store.health().is_ok(),
         config_version: plan.hash.clone(),
         config_commit: plan

@@ -241,6 +241,7 @@ pub fn event(source: &str, kind: &str, result: &'static str) {
 pub struct State {
     pub pending: i64,
     pub retries_waiting: i64,
+    pub orphaned: i64,
     pub oldest_pending_age_seconds: f64,
     pub store_writable: bool,
     pub config_version: String,
@@ -283,6 +284,13 @@ pub fn render(handle: Option<&PrometheusHandle>, s: &State) -> String {
         "Unfinished deliveries that have failed at least once.",
         "",
         s.retries_waiting as f64,
+    );
+    gauge(
+        &mut out,
+        "postbackd_deliveries_orphaned",
+        "Unfinished deliveries whose postback is not in the running config (cancelled after delivery.orphan_grace).",
+        "",
+        s.orphaned as f64,
     );
     gauge(
         &mut out,

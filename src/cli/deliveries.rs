@@ -204,10 +204,7 @@ async fn run(d: Deliveries) -> Result<String, String> {
 }
 
 fn time(ms: &Value) -> String {
-    ms.as_i64()
-        .and_then(|m| jiff::Timestamp::from_millisecond(m).ok())
-        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
-        .unwrap_or_default()
+    ms.as_i64().map(crate::utc_text).unwrap_or_default()
 }
 
 fn s(v: &Value) -> String {
@@ -267,7 +264,12 @@ fn show(v: &Value) -> String {
         time(&v["updated_at"]),
     ));
     if let Some(e) = v["last_error"].as_str() {
-        out.push_str(&format!("  last error: {e}\n"));
+        let label = if v["orphaned_at"].is_null() {
+            "last error"
+        } else {
+            "orphaned"
+        };
+        out.push_str(&format!("  {label}: {e}\n"));
     }
     for a in v["attempt_log"].as_array().cloned().unwrap_or_default() {
         out.push_str(&format!(

@@ -112,6 +112,8 @@ pub struct RawDeliverySettings {
     pub per_destination: Option<Spanned<u32>>,
     pub retry: Option<Vec<Spanned<String>>>,
     pub max_age: Option<Spanned<String>>,
+    /// How long deliveries of a postback that left the config wait for it to come back.
+    pub orphan_grace: Option<Spanned<String>>,
     pub user_agent: Option<String>,
     #[serde(default)]
     pub destinations: BTreeMap<String, RawDestination>,

@@ -58,6 +58,9 @@ impl Compiler {
             if let Some(m) = &d.max_age {
                 delivery.max_age = self.duration(&cx, m).unwrap_or(delivery.max_age);
             }
+            if let Some(g) = &d.orphan_grace {
+                delivery.orphan_grace = self.duration(&cx, g).unwrap_or(delivery.orphan_grace);
+            }
             if let Some(ua) = &d.user_agent {
                 delivery.user_agent = ua.clone();
             }

@@ -68,6 +68,25 @@ impl Waiting {
 }
 
 impl Deliverer {
+    /// A config was installed (at start or by a reload): orphaned deliveries of the
+    /// postbacks it has are due again, in the background.
+    fn revive_orphans(&self, plan: &crate::plan::Plan) {
+        let ids: Vec<String> = plan.postbacks.iter().map(|p| p.id.clone()).collect();
+        let store = self.store.clone();
+        let version = plan.hash.clone();
+        tokio::spawn(async move {
+            match store.revive(ids).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(deliveries = n, version = %version, "orphaned deliveries resume: their postbacks are back")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot wake orphaned deliveries; they wait for their grace period to end")
+                }
+            }
+        });
+    }
+
     /// The dispatch loop; returns after `shutdown` flips, once in-flight attempts finish or
     /// `grace` runs out (unfinished ones are retried at the next start).
     pub async fn run(self, mut shutdown: watch::Receiver<bool>, grace: Duration) {
@@ -90,6 +109,8 @@ impl Deliverer {
         let mut left_behind = false;
         let mut next_due: Option<i64> = None;
         let mut due_checked: Option<Instant> = None;
+        // The config version whose postbacks' orphans were last woken.
+        let mut revived_for = String::new();
         loop {
             if *shutdown.borrow() {
                 break;
@@ -110,6 +131,10 @@ impl Deliverer {
             while tasks.try_join_next().is_some() {}
             let plan = self.plan.load_full();
             let settings = &plan.settings.delivery;
+            if plan.hash != revived_for {
+                revived_for = plan.hash.clone();
+                self.revive_orphans(&plan);
+            }
 
             if need_claim && (refill || woken) {
                 need_claim = false;

@@ -95,12 +95,7 @@ impl Deliverer {
             reason,
         };
         let Some(entry) = plan.entry(&d.postback_id, &d.offer) else {
-            let reason = format!(
-                "postback `{}` no longer exists for offer `{}` (config {})",
-                d.postback_id, d.offer, plan.hash
-            );
-            tracing::info!(delivery = d.id, postback = %d.postback_id, reason = %reason, "delivery cancelled");
-            return finish(None, Next::Cancelled, Some(reason));
+            return orphaned(d, &plan, crate::now_ms());
         };
         if !entry.enabled {
             let reason = format!(
@@ -257,7 +252,7 @@ pub fn observe(d: &Claimed, decision: &Decision) {
         Next::Delivered => "delivered",
         Next::Dead => "dead",
         Next::Cancelled => "cancelled",
-        Next::Retry { .. } => return,
+        Next::Retry { .. } | Next::Orphaned { .. } => return,
     };
     crate::telemetry::delivery(&postback, outcome);
     if outcome == "delivered" {
@@ -303,10 +298,53 @@ pub async fn send_once(
     }
 }
 
+/// A delivery whose postback is not in the running config: a reload may have loaded a
+/// half-written file or a bad merge. It waits, unattempted, for the grace period from when
+/// it was first found missing, and goes on if a reload brings the postback back (the
+/// dispatcher wakes it then); after that it is cancelled with the reason.
+fn orphaned(d: &Claimed, plan: &Plan, now: i64) -> Decision {
+    let grace = plan.settings.delivery.orphan_grace.as_millis() as i64;
+    let since = d.orphaned_at.unwrap_or(now);
+    let missing = format!(
+        "postback `{}` for offer `{}` is not in the config (version {}) since {}",
+        d.postback_id,
+        d.offer,
+        plan.hash,
+        crate::utc_text(since)
+    );
+    if now >= since + grace {
+        let reason = format!(
+            "{missing} and did not come back within delivery.orphan_grace ({})",
+            crate::duration_text(plan.settings.delivery.orphan_grace)
+        );
+        tracing::info!(delivery = d.id, postback = %d.postback_id, reason = %reason, "delivery cancelled");
+        return Decision {
+            attempt: None,
+            next: Next::Cancelled,
+            reason: Some(reason),
+        };
+    }
+    let reason = format!(
+        "{missing}; waiting for a reload to bring it back, cancelled at {} if none does",
+        crate::utc_text(since + grace)
+    );
+    if d.orphaned_at.is_none() {
+        tracing::warn!(delivery = d.id, postback = %d.postback_id, reason = %reason, "delivery orphaned");
+    }
+    Decision {
+        attempt: None,
+        next: Next::Orphaned {
+            since,
+            due_at: since + grace,
+        },
+        reason: Some(reason),
+    }
+}
+
 fn next_label(n: &Next) -> &'static str {
     match n {
         Next::Delivered => "delivered",
-        Next::Retry { .. } => "retry",
+        Next::Retry { .. } | Next::Orphaned { .. } => "retry",
         Next::Dead => "dead",
         Next::Cancelled => "cancelled",
     }

@@ -111,6 +111,8 @@ pub struct Claimed {
     pub attempts: u32,
     pub created_at: i64,
     pub delayed: bool,
+    /// Since when (unix ms) its postback has been missing from the config, if it is.
+    pub orphaned_at: Option<i64>,
     /// The host the postback goes to, for per-destination limits.
     pub destination: String,
 }
@@ -145,9 +147,29 @@ pub struct Attempt {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Next {
     Delivered,
-    Retry { due_at: i64 },
+    Retry {
+        due_at: i64,
+    },
     Dead,
     Cancelled,
+    /// Its postback is not in the config: wait, unattempted, for a reload to bring it back,
+    /// until `due_at` (the end of the grace period that began at `since`).
+    Orphaned {
+        since: i64,
+        due_at: i64,
+    },
+}
+
+/// The unfinished deliveries at a glance.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueStats {
+    pub pending: i64,
+    /// Of which failed at least once.
+    pub retries: i64,
+    /// When the oldest was created (unix ms).
+    pub oldest: Option<i64>,
+    /// Of which wait for their postback to come back to the config.
+    pub orphaned: i64,
 }
 
 /// Handle to the store; cheap to clone.
@@ -182,8 +204,13 @@ impl Health {
     }
 }
 
-const QUEUE_STATS: &str = "SELECT COUNT(*), COALESCE(SUM(attempts > 0), 0), MIN(created_at)
+const QUEUE_STATS: &str = "SELECT COUNT(*), COALESCE(SUM(attempts > 0), 0), MIN(created_at),
+                                  COALESCE(SUM(orphaned_at IS NOT NULL), 0)
                            FROM deliveries WHERE state = 0";
+
+fn to_json_list(v: &[String]) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
+}
 
 fn open_conn(path: &Path) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open(path)?;
@@ -331,7 +358,7 @@ impl Store {
         next: Next,
         reason: Option<String>,
     ) -> Result<(), StoreError> {
-        let retry = matches!(next, Next::Retry { .. });
+        let retry = matches!(next, Next::Retry { .. } | Next::Orphaned { .. });
         // Not synced on its own: a crash of the process keeps it (the OS has it), and the next
         // synced commit covers it. Only a power loss can lose it, and then the delivery is
         // sent again: at least once still holds.
@@ -357,6 +384,20 @@ impl Store {
     pub async fn prune(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
         self.call_with(false, move |c| ops::prune(c, before, limit))
             .await
+    }
+
+    /// Makes orphaned deliveries of these postbacks due now: a reload brought them back.
+    /// Returns how many.
+    pub async fn revive(&self, postbacks: Vec<String>) -> Result<usize, StoreError> {
+        let n = self
+            .call_with(false, move |c| {
+                ops::revive(c, &to_json_list(&postbacks), crate::now_ms())
+            })
+            .await?;
+        if n > 0 {
+            self.wake.notify_one();
+        }
+        Ok(n)
     }
 
     /// Queues finished deliveries again, due now; returns their ids.
@@ -403,11 +444,17 @@ impl Store {
         self.read(move |c| read::delivery(c, id)).await
     }
 
-    /// Unfinished deliveries: (count, of which failed at least once, oldest created_at).
-    pub async fn queue_stats(&self) -> Result<(i64, i64, Option<i64>), StoreError> {
+    /// Unfinished deliveries: how many, how old the oldest is, and why they wait.
+    pub async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
         self.read(|c| {
-            c.prepare_cached(QUEUE_STATS)?
-                .query_row([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            c.prepare_cached(QUEUE_STATS)?.query_row([], |r| {
+                Ok(QueueStats {
+                    pending: r.get(0)?,
+                    retries: r.get(1)?,
+                    oldest: r.get(2)?,
+                    orphaned: r.get(3)?,
+                })
+            })
         })
         .await
     }

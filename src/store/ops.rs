@@ -130,6 +130,7 @@ pub(super) fn ingest(
                     attempts: 0,
                     created_at: event.received_at,
                     delayed: false,
+                    orphaned_at: None,
                     destination: destination_of(plan, &m.postback_id),
                 });
             }
@@ -183,6 +184,7 @@ pub(super) const INDEXED: &[&str] = &[
     PRUNE_EVENTS,
     CLAIM_FRESH,
     CLAIM_RETRY,
+    REVIVE,
     super::QUEUE_STATS,
 ];
 
@@ -253,6 +255,7 @@ pub(super) fn claim(c: &Connection, spec: &ClaimSpec) -> rusqlite::Result<Claim>
             r.get::<_, i64>(5)?,
             r.get::<_, bool>(6)?,
             r.get::<_, Option<String>>(7)?,
+            r.get::<_, Option<i64>>(8)?,
         ))
     })?;
     let mut out = Vec::new();
@@ -263,7 +266,8 @@ pub(super) fn claim(c: &Connection, spec: &ClaimSpec) -> rusqlite::Result<Claim>
             more = true;
             break;
         }
-        let (id, postback_id, offer, event, attempts, created_at, delayed, latest) = row?;
+        let (id, postback_id, offer, event, attempts, created_at, delayed, latest, orphaned_at) =
+            row?;
         let dest = destination(&postback_id);
         if let Some(cap) = caps.get_mut(&dest) {
             if *cap == 0 {
@@ -285,6 +289,7 @@ pub(super) fn claim(c: &Connection, spec: &ClaimSpec) -> rusqlite::Result<Claim>
             attempts,
             created_at,
             delayed,
+            orphaned_at,
             destination: dest,
         });
     }
@@ -303,7 +308,8 @@ macro_rules! claim_sql {
         concat!(
             "SELECT d.id, d.postback_id, d.offer, d.event, d.attempts, d.created_at, d.delayed,
                     CASE WHEN d.delayed AND d.attempts = 0
-                         THEN (SELECT event FROM conversions WHERE key = d.conv_key) END
+                         THEN (SELECT event FROM conversions WHERE key = d.conv_key) END,
+                    d.orphaned_at
              FROM deliveries d
              WHERE d.state = 0 AND d.due_at <= ?1 ",
             $lane,
@@ -334,16 +340,21 @@ pub(super) fn finish(
     let now = attempt
         .map(|a| a.started_at + a.duration_ms)
         .unwrap_or_else(crate::now_ms);
-    let (state, due) = match next {
-        Next::Delivered => (State::Delivered, None),
-        Next::Retry { due_at } => (State::Pending, Some(*due_at)),
-        Next::Dead => (State::Dead, None),
-        Next::Cancelled => (State::Cancelled, None),
+    let (state, due, orphaned) = match next {
+        Next::Delivered => (State::Delivered, None, None),
+        Next::Retry { due_at } => (State::Pending, Some(*due_at), None),
+        Next::Dead => (State::Dead, None, None),
+        Next::Cancelled => (State::Cancelled, None, None),
+        Next::Orphaned { since, due_at } => (State::Pending, Some(*due_at), Some(*since)),
     };
     let bump = i64::from(attempt.is_some());
+    // An orphan's wait shows as its last outcome; a cancel at the end of the wait keeps it.
+    let outcome = attempt
+        .map(|a| a.outcome.as_str())
+        .or(orphaned.map(|_| "orphaned"));
     c.prepare_cached("UPDATE deliveries SET state = ?2, attempts = attempts + ?3, due_at = COALESCE(?4, due_at), updated_at = ?5,
                 last_error = COALESCE(?6, last_error), last_status = COALESCE(?7, last_status),
-                last_outcome = COALESCE(?8, last_outcome)
+                last_outcome = COALESCE(?8, last_outcome), orphaned_at = ?9
          WHERE id = ?1")?.execute(
                 params![
             id,
@@ -353,7 +364,8 @@ pub(super) fn finish(
             now,
             reason.or(attempt.and_then(|a| a.error.as_deref())),
             attempt.and_then(|a| a.response_status),
-            attempt.map(|a| a.outcome.as_str()),
+            outcome,
+            orphaned,
         ],
     )?;
     if let Some(a) = attempt {
@@ -447,6 +459,16 @@ pub(super) fn retry(c: &Connection, f: &RetryFilter, now: i64) -> rusqlite::Resu
     }
     Ok(ids)
 }
+
+/// Makes orphaned deliveries of the postbacks in `postbacks` (a JSON list of ids) due at
+/// `now`. Returns how many.
+pub(super) fn revive(c: &Connection, postbacks: &str, now: i64) -> rusqlite::Result<usize> {
+    c.prepare_cached(REVIVE)?.execute(params![postbacks, now])
+}
+
+const REVIVE: &str = "UPDATE deliveries SET due_at = ?2
+     WHERE state = 0 AND orphaned_at IS NOT NULL AND due_at > ?2
+       AND postback_id IN (SELECT value FROM json_each(?1))";
 
 /// When the next pending delivery falls due after `after` (unix ms), if any. One look per
 /// lane, each the first entry past `after` in `deliveries_pending`.

@@ -26,6 +26,9 @@ pub struct DeliveryRow {
     pub offer_id: Option<String>,
     pub affiliate_id: Option<String>,
     pub goal: Option<String>,
+    /// Since when (unix ms) its postback has been missing from the config, while it waits
+    /// for it to come back.
+    pub orphaned_at: Option<i64>,
     pub attempt_log: Vec<AttemptRow>,
 }
 
@@ -42,7 +45,7 @@ pub(super) fn delivery(c: &Connection, id: i64) -> rusqlite::Result<Option<Deliv
         .prepare_cached(
             "SELECT id, postback_id, offer, event_id, state, status, attempts, created_at, due_at,
                     updated_at, last_status, last_error, clickid, transaction_id, offer_id,
-                    affiliate_id, goal, last_outcome
+                    affiliate_id, goal, last_outcome, orphaned_at
              FROM deliveries WHERE id = ?1",
         )?
         .query_row([id], delivery_row)
@@ -80,7 +83,7 @@ pub(super) fn delivery(c: &Connection, id: i64) -> rusqlite::Result<Option<Deliv
 const DELIVERY_COLUMNS: &str =
     "id, postback_id, offer, event_id, state, status, attempts, created_at, due_at,
     updated_at, last_status, last_error, clickid, transaction_id, offer_id, affiliate_id, goal,
-    last_outcome";
+    last_outcome, orphaned_at";
 
 fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
     Ok(DeliveryRow {
@@ -102,6 +105,7 @@ fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
         affiliate_id: r.get(15)?,
         goal: r.get(16)?,
         last_outcome: r.get(17)?,
+        orphaned_at: r.get(18)?,
         attempt_log: Vec::new(),
     })
 }

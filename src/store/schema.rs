@@ -145,8 +145,17 @@ UPDATE conversions SET sent = s.j
   WHERE s.conv_key = conversions.key;
 ";
 
+/// A delivery whose postback left the config waits for it (`orphaned_at`: since when it was
+/// found missing). The partial index holds only those, for waking them when a reload
+/// brings their postback back.
+const V8: &str = "
+ALTER TABLE deliveries ADD COLUMN orphaned_at INTEGER;
+CREATE INDEX IF NOT EXISTS deliveries_orphaned ON deliveries(postback_id)
+    WHERE state = 0 AND orphaned_at IS NOT NULL;
+";
+
 /// The migrations in order: the store at version N has run the first N.
-const MIGRATIONS: [&str; 7] = [V1, V2, V3, V4, V5, V6, V7];
+const MIGRATIONS: [&str; 8] = [V1, V2, V3, V4, V5, V6, V7, V8];
 
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;

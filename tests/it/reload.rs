@@ -316,7 +316,8 @@ async fn sighup_and_http_reload_without_the_watcher() {
 }
 
 /// A retry is rendered with the rule as it is when it goes out, so fixing a URL fixes the
-/// pending retries; a removed postback's pending deliveries are cancelled with the reason.
+/// pending retries; a removed postback's pending deliveries are cancelled with the reason
+/// once `delivery.orphan_grace` is over.
 #[tokio::test]
 async fn queued_deliveries_follow_the_new_rules() {
     let sink = Sink::start().await;
@@ -328,7 +329,8 @@ async fn queued_deliveries_follow_the_new_rules() {
         }
     });
     let cfg = tempfile::tempdir().unwrap();
-    let settings = "api:\n  admin_tokens: [\"${env:POSTBACKD_ADMIN_TOKEN}\"]\n";
+    let settings =
+        "api:\n  admin_tokens: [\"${env:POSTBACKD_ADMIN_TOKEN}\"]\ndelivery:\n  orphan_grace: 2s\n";
     let two = |first: &str| {
         format!(
             "postbacks:
@@ -400,13 +402,131 @@ async fn queued_deliveries_follow_the_new_rules() {
         log[0]["config_version"],
         log[log.len() - 1]["config_version"]
     );
+    let why = doomed_d["last_error"].as_str().unwrap();
     assert!(
-        doomed_d["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("no longer exists"),
+        why.contains("postback `doomed` for offer `*` is not in the config")
+            && why.contains("did not come back within delivery.orphan_grace (2s)"),
         "{doomed_d}"
     );
+    assert_eq!(doomed_d["last_outcome"], "orphaned", "{doomed_d}");
+    // Waiting out the grace did not send it again.
+    assert_eq!(sink.on_path("/doomed").len(), 1);
+}
+
+/// A rule file emptied by a half-finished pull must not cancel queued work: the deliveries
+/// of the postbacks it lost wait, shown as orphaned, and go out once a reload brings the
+/// postbacks back.
+#[tokio::test]
+async fn an_emptied_rule_file_holds_deliveries_until_the_postback_returns() {
+    let sink = Sink::start().await;
+    let cfg = tempfile::tempdir().unwrap();
+    let rules = format!(
+        "postbacks:\n  - id: held\n    trigger: conversion\n    delay: 1s\n    http: {{ url: \"http://{}/held?cid={{clickid}}\" }}\n",
+        sink.addr
+    );
+    let settings = "api:\n  admin_tokens: [\"${env:POSTBACKD_ADMIN_TOKEN}\"]\n";
+    write_config(cfg.path(), settings, &rules);
+    let data = tempfile::tempdir().unwrap();
+    let d = Daemon::start_args(
+        cfg.path(),
+        data.path(),
+        &[("POSTBACKD_ADMIN_TOKEN", TOKEN)],
+        &["--no-watch"],
+    );
+    let api = |path: String| {
+        let d = &d;
+        async move {
+            send_json(client().get(d.url(&path)).bearer_auth(TOKEN))
+                .await
+                .1
+        }
+    };
+    let reload = || {
+        let d = &d;
+        async move { send_json(client().post(d.url("/-/reload")).bearer_auth(TOKEN)).await }
+    };
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (code, body) = get_json(&d.url(&format!("/postback?clickid=o{i}"))).await;
+        assert_eq!(code, 200, "{body}");
+        ids.push(body["deliveries"][0].as_i64().unwrap());
+    }
+    std::fs::write(cfg.path().join("rules.yaml"), "").unwrap();
+    let (code, body) = reload().await;
+    assert_eq!((code, &body["postbacks"]), (200, &json!(0)), "{body}");
+
+    // Each delivery's hold ends while its postback is gone: it waits instead.
+    let start = Instant::now();
+    loop {
+        let mut orphans = 0;
+        let mut seen = Vec::new();
+        for id in &ids {
+            let v = api(format!("/api/v1/deliveries/{id}")).await;
+            seen.push(v.clone());
+            assert_ne!(v["state"], "cancelled", "{v}");
+            if v["state"] == "pending" && v["orphaned_at"].is_i64() {
+                assert_eq!(v["last_outcome"], "orphaned", "{v}");
+                let why = v["last_error"].as_str().unwrap();
+                assert!(
+                    why.contains("postback `held` for offer `*` is not in the config")
+                        && why.contains("waiting for a reload to bring it back"),
+                    "{v}"
+                );
+                orphans += 1;
+            }
+        }
+        if orphans == ids.len() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{seen:?}\n{}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = client()
+        .get(d.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("\npostbackd_deliveries_orphaned 3\n"),
+        "{metrics}"
+    );
+    let listed = api("/api/v1/deliveries?outcome=orphaned".into()).await;
+    assert_eq!(
+        listed["deliveries"].as_array().unwrap().len(),
+        3,
+        "{listed}"
+    );
+    assert!(sink.on_path("/held").is_empty());
+
+    // The fix lands: the three go out at once, not at the end of the grace period.
+    std::fs::write(cfg.path().join("rules.yaml"), &rules).unwrap();
+    let (code, body) = reload().await;
+    assert_eq!(code, 200, "{body}");
+    let got = sink
+        .wait_for(Some("/held"), 3, Duration::from_secs(5))
+        .await;
+    let mut cids: Vec<String> = got.iter().filter_map(|r| r.param("cid")).collect();
+    cids.sort();
+    assert_eq!(cids, ["o0", "o1", "o2"], "{}", d.logs());
+    for id in &ids {
+        let start = Instant::now();
+        loop {
+            let v = api(format!("/api/v1/deliveries/{id}")).await;
+            if v["state"] == "delivered" {
+                assert!(v["orphaned_at"].is_null(), "{v}");
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "{v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// The reload endpoint needs the admin token once tokens are configured.
