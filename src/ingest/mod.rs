@@ -202,26 +202,42 @@ fn result_of(r: &Reject) -> &'static str {
     }
 }
 
-async fn accept(state: AppState, plan: Arc<Plan>, event: Event) -> Result<Value, Reject> {
-    let kind = event.kind;
-    let source = event.source.clone();
-    match state.store.ingest(event, plan).await {
-        Ok(a) => {
-            tracing::debug!(event = %a.event_id, %kind, %source, matched = a.matched.len(), queued = a.queued, "event accepted");
-            crate::telemetry::event(&source, kind.as_str(), "accepted");
-            for m in &a.matched {
-                crate::telemetry::matched(m);
-            }
-            Ok(
-                json!({ "event_id": a.event_id, "matched": a.matched, "queued": a.queued, "deliveries": a.deliveries }),
-            )
+/// Stores events (one webhook's, or a batch's) in one commit and says what each matched.
+async fn accept(
+    state: AppState,
+    plan: Arc<Plan>,
+    events: Vec<Event>,
+) -> Result<Vec<Value>, Reject> {
+    let Some(first) = events.first() else {
+        return Ok(Vec::new());
+    };
+    let (kind, source) = (first.kind, first.source.clone());
+    let n = events.len() as u64;
+    match state.store.ingest_batch(events, plan).await {
+        Ok(all) => {
+            crate::telemetry::events(&source, kind.as_str(), "accepted", n);
+            Ok(all
+                .into_iter()
+                .map(|a| {
+                    tracing::debug!(event = %a.event_id, %kind, %source, matched = a.matched.len(), queued = a.queued, "event accepted");
+                    for m in &a.matched {
+                        crate::telemetry::matched(m);
+                    }
+                    json!({ "event_id": a.event_id, "matched": a.matched, "queued": a.queued, "deliveries": a.deliveries })
+                })
+                .collect())
         }
         Err(e) => {
-            tracing::error!(error = %e, "event not stored; answering 503");
-            crate::telemetry::event(&source, kind.as_str(), "unavailable");
+            tracing::error!(error = %e, events = n, "events not stored; answering 503");
+            crate::telemetry::events(&source, kind.as_str(), "unavailable", n);
+            let what = if n == 1 {
+                "event not stored"
+            } else {
+                "no event of the batch was stored"
+            };
             Err(Reject::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("event not stored, send it again later: {e}"),
+                format!("{what}, send it again later: {e}"),
             ))
         }
     }
@@ -256,11 +272,13 @@ pub async fn postback(
     let event = parsed.inspect_err(|r| {
         crate::telemetry::event(&source.id, source.kind.as_str(), result_of(r));
     })?;
-    accept(state, plan, event).await.map(Json)
+    let mut out = accept(state, plan, vec![event]).await?;
+    Ok(Json(out.pop().unwrap_or_default()))
 }
 
 /// `POST /v1/events`: one JSON event or a batch (an array, at most 1000). A batch is
-/// validated whole: if any event is bad, none is accepted and the reply says which.
+/// validated whole: if any event is bad, none is accepted and the reply says which. A valid
+/// batch is stored in one commit, all of it or none.
 pub async fn events(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
@@ -323,33 +341,10 @@ pub async fn events(
         let body = json!({ "error": "invalid events; none were accepted", "errors": errors });
         return Err(Reject(StatusCode::BAD_REQUEST, body));
     }
-    let futs = evs
-        .into_iter()
-        .map(|e| accept(state.clone(), plan.clone(), e));
-    let results = futures_join_all(futs).await;
-    let mut out = Vec::with_capacity(results.len());
-    for r in results {
-        out.push(r?);
-    }
+    let out = accept(state, plan, evs).await?;
     if batch {
         Ok(Json(json!({ "events": out })))
     } else {
         Ok(Json(out.into_iter().next().unwrap_or_default()))
     }
-}
-
-/// Awaits futures concurrently so a batch lands in one group commit.
-async fn futures_join_all<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let handles: Vec<_> = futs.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        if let Ok(v) = h.await {
-            out.push(v);
-        }
-    }
-    out
 }

@@ -308,26 +308,49 @@ impl Store {
     /// them finish before the dispatcher hears of them. The rest (held, or behind an
     /// earlier delivery of the same conversion) wait for a claim.
     pub async fn ingest(&self, event: Event, plan: Arc<Plan>) -> Result<Accepted, StoreError> {
+        let mut one = self.ingest_batch(vec![event], plan).await?;
+        one.pop()
+            .ok_or_else(|| StoreError::Commit("the store answered no event".into()))
+    }
+
+    /// [`Store::ingest`] for several events, in order, as one job: all of them are stored
+    /// or none is.
+    pub async fn ingest_batch(
+        &self,
+        events: Vec<Event>,
+        plan: Arc<Plan>,
+    ) -> Result<Vec<Accepted>, StoreError> {
         let (handoff, wake) = (self.handoff.clone(), self.wake.clone());
         // Serialised here, on the caller's thread, not on the one writer thread.
-        let event_json =
-            serde_json::to_string(&event).map_err(|e| StoreError::Commit(e.to_string()))?;
+        let jsons = events
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Commit(e.to_string()))?;
         self.call_then(
             true,
-            move |c| ops::ingest(c, &event, &event_json, &plan),
-            move |a: &mut Accepted| {
-                let fresh = std::mem::take(&mut a.fresh);
+            move |c| {
+                events
+                    .iter()
+                    .zip(&jsons)
+                    .map(|(event, json)| ops::ingest(c, event, json, &plan))
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            },
+            move |all: &mut Vec<Accepted>| {
                 // What is not handed over waits for a claim: wake the dispatcher for it.
-                let left = match handoff.get() {
-                    Some(h) => {
-                        let left = a.queued - fresh.len();
-                        for d in fresh {
-                            h(d);
+                let mut left = 0;
+                for a in all.iter_mut() {
+                    let fresh = std::mem::take(&mut a.fresh);
+                    match handoff.get() {
+                        Some(h) => {
+                            left += a.queued - fresh.len();
+                            for d in fresh {
+                                h(d);
+                            }
                         }
-                        left
+                        None => left += a.queued,
                     }
-                    None => a.queued,
-                };
+                }
                 if left > 0 {
                     wake.notify_one();
                 }

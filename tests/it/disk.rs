@@ -117,3 +117,63 @@ fn a_corrupt_store_is_refused_with_the_reason() {
     assert!(stderr.contains("not a database"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&db).unwrap(), garbage);
 }
+
+/// A `/v1/events` batch is one commit: when one event of it cannot be stored, none is, the
+/// sender gets 503 and sends the batch again, and nothing of it goes out twice or half.
+///
+/// The failure is real: a trigger added to the daemon's own store refuses one click id, as
+/// a constraint or a corrupt page would refuse one row.
+#[tokio::test]
+async fn a_batch_is_stored_whole_or_not_at_all() {
+    let sink = Sink::start().await;
+    let cfg = tempfile::tempdir().unwrap();
+    write_config(
+        cfg.path(),
+        "",
+        &format!(
+            "postbacks:\n  - id: pb\n    trigger: conversion\n    http: {{ url: \"http://{}/pb?cid={{clickid}}\" }}\n",
+            sink.addr
+        ),
+    );
+    let data = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(cfg.path(), data.path(), &[]);
+    let db = rusqlite::Connection::open(data.path().join("postbackd.db")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.clickid = 'bad'
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+    )
+    .unwrap();
+    let batch = json!([{"clickid": "first"}, {"clickid": "bad"}, {"clickid": "last"}]);
+    let (code, body) = send_json(client().post(d.url("/v1/events")).json(&batch)).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("no event of the batch was stored"),
+        "{body}"
+    );
+    // A marker after the batch: once it has arrived, whatever the batch queued would have.
+    let (code, _) = get_json(&d.url("/postback?clickid=marker")).await;
+    assert_eq!(code, 200);
+    let got = sink.wait_for(Some("/pb"), 1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].param("cid").as_deref(), Some("marker"));
+    let stored: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM events WHERE clickid IN ('first', 'last')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stored, 0, "part of a refused batch was stored");
+    assert_eq!(sink.on_path("/pb").len(), 1, "{:?}", sink.received());
+
+    // The sender tries again once the cause is gone: all three, once each.
+    db.execute_batch("DROP TRIGGER refuse").unwrap();
+    let (code, body) = send_json(client().post(d.url("/v1/events")).json(&batch)).await;
+    assert_eq!(code, 200, "{body}");
+    let got = sink.wait_for(Some("/pb"), 4, Duration::from_secs(10)).await;
+    let mut cids: Vec<String> = got.iter().filter_map(|r| r.param("cid")).collect();
+    cids.sort();
+    assert_eq!(cids, ["bad", "first", "last", "marker"]);
+}
