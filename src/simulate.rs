@@ -5,6 +5,7 @@
 use crate::ingest::event::Event;
 use crate::plan::Plan;
 use crate::render::{self, Rendered, Request};
+use crate::store::decide;
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -20,21 +21,39 @@ pub struct Fired {
 }
 
 /// Folds `history` (earlier events of the same conversion, oldest first, then the event
-/// itself) the way the store does, and returns what the last one fires.
+/// itself) the way the store does, and returns what the last one fires: the same merge and
+/// the same per-status dedupe as ingest ([`decide`]), so a status the history already sent
+/// fires nothing again.
 pub fn simulate(plan: &Plan, history: &[Event]) -> Vec<Fired> {
-    let Some(mut merged) = history.first().cloned() else {
+    let mut merged: Option<Event> = None;
+    let mut sent = Vec::new();
+    let mut last = None;
+    for e in history {
+        let key = e.conversion_key();
+        let prev = merged
+            .as_ref()
+            .filter(|m| key.is_some() && m.conversion_key() == key);
+        if prev.is_none() {
+            sent.clear();
+        }
+        let next = decide::merge(prev, e).into_owned();
+        last = Some(decide::deliveries(
+            plan,
+            key.as_deref(),
+            &e.id,
+            &next,
+            &mut sent,
+        ));
+        merged = Some(next);
+    }
+    let (Some(merged), Some(decided)) = (merged, last) else {
         return Vec::new();
     };
-    for e in &history[1..] {
-        merged = if e.conversion_key().is_some() && e.conversion_key() == merged.conversion_key() {
-            e.merged_onto(&merged)
-        } else {
-            e.clone()
-        };
-    }
-    plan.matches(&merged)
+    decided
+        .deliveries
         .into_iter()
-        .map(|m| {
+        .map(|d| {
+            let m = d.matched;
             let entry = &plan.entries[m.entry];
             Fired {
                 postback: m.postback_id,

@@ -6,6 +6,7 @@
 //! one fsync per batch rather than one per webhook. A webhook is acknowledged only after the
 //! commit that holds its event and deliveries.
 
+pub mod decide;
 mod ops;
 mod read;
 mod schema;

@@ -1,8 +1,9 @@
 //! The store's statements: what each command does inside the writer's transaction.
 
+use super::decide;
 use super::{Accepted, Attempt, Claimed, Next, State};
 use crate::ingest::event::Event;
-use crate::plan::{Match, Plan};
+use crate::plan::Plan;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use std::borrow::Cow;
@@ -37,16 +38,17 @@ pub(super) fn ingest(
         ),
         None => (None, Vec::new()),
     };
-    let (merged, merged_json) = match prev {
-        Some(prev) => {
-            let m = event.merged_onto(&prev);
-            let json = to_json(&m);
-            (Cow::Owned(m), Cow::Owned(json))
-        }
-        None => (Cow::Borrowed(event), Cow::Borrowed(event_json)),
+    let merged = decide::merge(prev.as_ref(), event);
+    let merged_json = match &merged {
+        Cow::Owned(m) => Cow::Owned(to_json(m)),
+        Cow::Borrowed(_) => Cow::Borrowed(event_json),
     };
-    let matches: Vec<Match> = plan.matches(&merged);
-    let matched: Vec<String> = matches.iter().map(|m| m.postback_id.clone()).collect();
+    let decided = decide::deliveries(plan, key.as_deref(), &event.id, &merged, &mut sent);
+    let matched: Vec<String> = decided
+        .matches
+        .iter()
+        .map(|m| m.postback_id.clone())
+        .collect();
     c.prepare_cached("INSERT INTO events (id, received_at, source, kind, conv_key, clickid, transaction_id, offer_id, affiliate_id, event, matched)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)")?.execute(
                 params![
@@ -66,29 +68,8 @@ pub(super) fn ingest(
     let mut queued = 0;
     let mut deliveries = Vec::new();
     let mut fresh = Vec::new();
-    for m in &matches {
-        let order_key = format!(
-            "{}|{}|{}",
-            key.as_deref().unwrap_or(&event.id),
-            m.postback_id,
-            m.offer
-        );
-        // Conversions: one delivery per (conversion, postback, offer, status), whatever the
-        // sender repeats, remembered on the conversion's row (which this job rewrites
-        // anyway: an index of these keys cost a random page write per delivery). Clicks and
-        // impressions have no conversion key and fire every time.
-        if key.is_some() {
-            let once = format!(
-                "{}|{}|{}",
-                m.postback_id,
-                m.offer,
-                merged.field("status").unwrap_or_default()
-            );
-            if sent.contains(&once) {
-                continue;
-            }
-            sent.push(once);
-        }
+    for new in &decided.deliveries {
+        let (m, order_key) = (&new.matched, &new.order_key);
         let due = event.received_at + m.delay.as_millis() as i64;
         let n = c.prepare_cached("INSERT INTO deliveries (event_id, postback_id, offer, conv_key, order_key, status, event, state, attempts, created_at, due_at, updated_at, delayed,
                                                clickid, transaction_id, offer_id, affiliate_id, goal)

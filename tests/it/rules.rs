@@ -234,6 +234,62 @@ async fn the_test_endpoint_dry_runs_and_sends_once() {
     assert_eq!(code, 400, "{v}");
 }
 
+/// `POST /api/v1/test` (and `fire`, `test` and `diff`, which share its code) fires what the
+/// daemon would queue for the same history: a status already sent for a conversion fires
+/// nothing again.
+#[tokio::test]
+async fn the_tools_and_the_daemon_agree_on_repeated_statuses() {
+    let sink = Sink::start().await;
+    let cfg = config_for(&repo().join("config"), sink.addr);
+    std::fs::write(
+        cfg.path().join("postbackd.yaml"),
+        "api:\n  admin_tokens: [\"${env:POSTBACKD_ADMIN_TOKEN}\"]\n",
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let token = "agree-endpoint-token-0123456789";
+    let d = Daemon::start_with(cfg.path(), data.path(), &[("POSTBACKD_ADMIN_TOKEN", token)]);
+    let histories: [&[&str]; 4] = [
+        &["approved", "approved"],
+        &["pending", "approved"],
+        &["approved", "rejected", "approved"],
+        &["pending", "pending", "approved", "approved"],
+    ];
+    for (n, statuses) in histories.iter().enumerate() {
+        let event = |status: &str| {
+            serde_json::json!({"clickid": format!("r{n}"), "tid": format!("R-{n}"), "offer_id": 1001,
+                               "goal": "deposit", "affiliate_id": 42, "payout": 3, "status": status})
+        };
+        let (last, before) = statuses.split_last().unwrap();
+        let (code, v) = send_json(
+            client()
+                .post(d.url("/api/v1/test"))
+                .bearer_auth(token)
+                .json(&serde_json::json!({
+                    "event": event(last),
+                    "before": before.iter().map(|s| event(s)).collect::<Vec<_>>(),
+                })),
+        )
+        .await;
+        assert_eq!(code, 200, "{v}");
+        let fired = v["fired"].as_array().unwrap().len();
+        let mut queued = None;
+        for s in *statuses {
+            let (code, r) = send_json(client().post(d.url("/postback")).json(&event(s))).await;
+            assert_eq!(code, 200, "{r}");
+            queued = r["queued"].as_u64();
+        }
+        assert_eq!(
+            Some(fired as u64),
+            queued,
+            "{statuses:?}: the test endpoint fired {v}"
+        );
+        if n == 0 {
+            assert_eq!(fired, 0, "a repeated approval fires nothing: {v}");
+        }
+    }
+}
+
 /// `diff` says which postbacks a change adds, removes and changes, and what sample events
 /// would now send differently.
 #[test]
