@@ -117,10 +117,11 @@ async fn delivery(
 ) -> Result<Json<Value>, ApiError> {
     let access = authorize(&state, &headers)?;
     let visible = access.postbacks(&state.plan.load());
-    match state.store.delivery(id).await? {
-        // Another affiliate's (or the admin's) delivery does not exist for this caller.
-        Some(d) if visible.as_ref().is_none_or(|v| v.contains(&d.postback)) => Ok(Json(json!(d))),
-        _ => Err(ApiError(
+    // Another affiliate's (or the admin's) delivery does not exist for this caller: the
+    // query itself is restricted to the caller's postbacks, as every other read is.
+    match state.store.delivery(id, visible).await? {
+        Some(d) => Ok(Json(json!(d))),
+        None => Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("no delivery {id} (never existed, or pruned after the retention period)"),
         )),
@@ -141,7 +142,7 @@ async fn retry_one(
         })
         .await?;
     if ids.is_empty() {
-        let why = match state.store.delivery(id).await? {
+        let why = match state.store.delivery(id, None).await? {
             None => (StatusCode::NOT_FOUND, format!("no delivery {id}")),
             Some(d) => (
                 StatusCode::CONFLICT,

@@ -463,9 +463,15 @@ impl Store {
         self.read(move |c| read::events(c, &q)).await
     }
 
-    /// One delivery with every attempt, if it exists.
-    pub async fn delivery(&self, id: i64) -> Result<Option<DeliveryRow>, StoreError> {
-        self.read(move |c| read::delivery(c, id)).await
+    /// One delivery with every attempt, if it exists and is one of `postbacks`' (`None`:
+    /// any postback's).
+    pub async fn delivery(
+        &self,
+        id: i64,
+        postbacks: Option<Vec<String>>,
+    ) -> Result<Option<DeliveryRow>, StoreError> {
+        self.read(move |c| read::delivery(c, id, postbacks.as_deref()))
+            .await
     }
 
     /// Unfinished deliveries: how many, how old the oldest is, and why they wait.

@@ -40,15 +40,23 @@ pub struct AttemptRow {
     pub recorded: Attempt,
 }
 
-pub(super) fn delivery(c: &Connection, id: i64) -> rusqlite::Result<Option<DeliveryRow>> {
+/// One delivery and its attempts; only if its postback is one of `postbacks` when given (an
+/// affiliate's token sees its own only).
+pub(super) fn delivery(
+    c: &Connection,
+    id: i64,
+    postbacks: Option<&[String]>,
+) -> rusqlite::Result<Option<DeliveryRow>> {
+    let scope = postbacks.map(|p| serde_json::to_string(p).unwrap_or_else(|_| "[]".into()));
     let row = c
         .prepare_cached(
             "SELECT id, postback_id, offer, event_id, state, status, attempts, created_at, due_at,
                     updated_at, last_status, last_error, clickid, transaction_id, offer_id,
                     affiliate_id, goal, last_outcome, orphaned_at
-             FROM deliveries WHERE id = ?1",
+             FROM deliveries WHERE id = ?1
+               AND (?2 IS NULL OR postback_id IN (SELECT value FROM json_each(?2)))",
         )?
-        .query_row([id], delivery_row)
+        .query_row(params![id, scope], delivery_row)
         .optional()?;
     let Some(mut row) = row else {
         return Ok(None);
