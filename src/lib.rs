@@ -100,6 +100,7 @@ pub async fn run_plan(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     ignore_file_size_signal();
+    server::conns::raise_open_file_limit();
     let started_ms = now_ms();
     let metrics_handle = telemetry::install();
     telemetry::register_plan(&plan);
@@ -116,6 +117,7 @@ pub async fn run_plan(
         offers = plan.offers.len(),
         postbacks = plan.postbacks.len(),
         store = %store.path.display(),
+        max_connections = server::conns::connection_cap(&plan.settings.server, plan.settings.delivery.concurrency),
         "listening"
     );
     let plan = Arc::new(ArcSwap::from_pointee(plan));
@@ -134,15 +136,18 @@ pub async fn run_plan(
     let delivering = tokio::spawn(deliverer.run(stop_rx.clone(), Duration::from_secs(10)));
     let pruning = tokio::spawn(deliver::prune_loop(store.clone(), plan.clone(), stop_rx));
     let app = server::router(server::AppState {
-        plan,
+        plan: plan.clone(),
         store,
         reloader,
         metrics: metrics_handle,
         started: started_ms as f64 / 1000.0,
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let limits = plan.clone();
+    let limits = move || {
+        let p = limits.load();
+        (p.settings.server.clone(), p.settings.delivery.concurrency)
+    };
+    server::conns::serve(listener, app, limits, shutdown).await;
     tracing::info!("shutting down: finishing in-flight deliveries");
     let _ = stop_tx.send(true);
     let _ = delivering.await;

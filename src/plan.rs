@@ -28,6 +28,33 @@ pub struct Settings {
     pub admin_tokens: Vec<String>,
     /// (token, affiliate id): read access to that affiliate's postbacks' deliveries.
     pub affiliate_tokens: Vec<(String, String)>,
+    pub server: ServerSettings,
+}
+
+/// Limits on incoming connections, so that slow or silent clients cannot use up the
+/// process's file descriptors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerSettings {
+    /// A request's headers must arrive within this, from their first byte.
+    pub header_timeout: Duration,
+    /// A connection with no request in progress is closed after this.
+    pub idle_timeout: Duration,
+    /// Reading a request's body and answering it must end within this.
+    pub request_timeout: Duration,
+    /// Open connections at most; `None`: the open-file limit minus room for deliveries and
+    /// the store.
+    pub max_connections: Option<usize>,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(75),
+            request_timeout: Duration::from_secs(30),
+            max_connections: None,
+        }
+    }
 }
 
 /// How long, by default, deliveries wait for their postback to come back to the config: a

@@ -25,6 +25,18 @@ pub const ATTEMPTS: &str = "postbackd_attempts_total";
 pub const ATTEMPT_SECONDS: &str = "postbackd_attempt_duration_seconds";
 pub const LATENCY_SECONDS: &str = "postbackd_delivery_latency_seconds";
 pub const RELOADS: &str = "postbackd_config_reloads_total";
+pub const CONNECTIONS_OPEN: &str = "postbackd_http_connections";
+pub const CONNECTIONS_LIMIT: &str = "postbackd_http_connections_limit";
+pub const CONNECTIONS_CLOSED: &str = "postbackd_http_connections_closed_total";
+
+/// Why the listener closed or refused a connection.
+pub const CONNECTION_CLOSE_REASONS: [&str; 5] = [
+    "header_timeout",
+    "idle_timeout",
+    "request_timeout",
+    "evicted",
+    "refused",
+];
 
 /// Results of an incoming event.
 pub const EVENT_RESULTS: [&str; 5] = [
@@ -70,13 +82,35 @@ pub fn install() -> Option<PrometheusHandle> {
                 });
             let handle = builder.ok()?.install_recorder().ok()?;
             describe();
+            process().describe();
             Some(handle)
         })
         .clone()
 }
 
+/// The standard process metrics every Prometheus exporter has: CPU, memory, descriptors.
+fn process() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// Reads the process metrics (`process_open_fds`, `process_max_fds`,
+/// `process_resident_memory_bytes`, `process_cpu_seconds_total`…) for the next scrape.
+pub fn collect_process() {
+    process().collect();
+}
+
 fn describe() {
-    use metrics::{describe_counter, describe_histogram, Unit};
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(CONNECTIONS_OPEN, "Open HTTP connections to the listener.");
+    describe_gauge!(
+        CONNECTIONS_LIMIT,
+        "Open connections allowed (server.max_connections, or the open-file limit minus room for deliveries)."
+    );
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        "Connections the listener closed or refused, by reason (header_timeout, idle_timeout, request_timeout, evicted, refused)."
+    );
     describe_counter!(
         EVENTS,
         "Webhooks received, by source, event kind and result."
@@ -248,7 +282,6 @@ pub struct State {
     pub config_commit: String,
     pub last_reload_ok: bool,
     pub last_success_seconds: f64,
-    pub start_seconds: f64,
 }
 
 fn gauge(out: &mut String, name: &str, help: &str, labels: &str, value: f64) {
@@ -337,13 +370,6 @@ pub fn render(handle: Option<&PrometheusHandle>, s: &State) -> String {
         "The postbackd version.",
         &format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")),
         1.0,
-    );
-    gauge(
-        &mut out,
-        "process_start_time_seconds",
-        "When the process started (unix seconds).",
-        "",
-        s.start_seconds,
     );
     out
 }

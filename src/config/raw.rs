@@ -83,6 +83,18 @@ pub struct RawSettings {
     /// How long finished deliveries, their attempts and received events are kept.
     pub retention: Option<Spanned<String>>,
     pub api: Option<RawApi>,
+    pub server: Option<RawServer>,
+}
+
+/// Limits on incoming connections.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub header_timeout: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub request_timeout: Option<Spanned<String>>,
+    /// A number, or `auto`.
+    pub max_connections: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -1,5 +1,5 @@
 //! Compiling `postbackd.yaml`: listen address, store, delivery limits, retention, API
-//! tokens and logging.
+//! tokens, logging and connection limits.
 
 use super::*;
 
@@ -191,7 +191,9 @@ impl Compiler {
                 log_level = lv.value.clone();
             }
         }
+        let server = self.server_settings(&cx, raw.server.as_ref());
         Settings {
+            server,
             listen,
             data_dir,
             delivery,
@@ -201,5 +203,42 @@ impl Compiler {
             admin_tokens,
             affiliate_tokens,
         }
+    }
+
+    fn server_settings(&mut self, cx: &Ctx, raw: Option<&RawServer>) -> ServerSettings {
+        let mut out = ServerSettings::default();
+        let Some(raw) = raw else {
+            return out;
+        };
+        for (field, into) in [
+            (&raw.header_timeout, &mut out.header_timeout),
+            (&raw.idle_timeout, &mut out.idle_timeout),
+            (&raw.request_timeout, &mut out.request_timeout),
+        ] {
+            if let Some(d) = field.as_ref().and_then(|v| self.duration(cx, v)) {
+                if d.is_zero() {
+                    if let Some(v) = field {
+                        self.err(cx, v, "server timeouts must be longer than 0", None);
+                    }
+                } else {
+                    *into = d;
+                }
+            }
+        }
+        if let Some(m) = &raw.max_connections {
+            match m.value.trim() {
+                "auto" => {}
+                n => match n.parse::<usize>() {
+                    Ok(n) if n >= 1 => out.max_connections = Some(n),
+                    _ => self.err(
+                        cx,
+                        m,
+                        format!("server.max_connections: `{n}` is not a number of connections"),
+                        Some("write a number like 1000, or auto (the open-file limit minus room for deliveries)".into()),
+                    ),
+                },
+            }
+        }
+        out
     }
 }

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real binary, real sockets, real files.
 
 mod check;
+mod connections;
 mod delivery;
 mod disk;
 mod durability;

@@ -1,4 +1,7 @@
-//! The HTTP listener: routes, shared state and health endpoints.
+//! The HTTP listener: routes, shared state and health endpoints; [`conns`] accepts and
+//! bounds the connections.
+
+pub mod conns;
 
 use crate::ingest;
 use crate::plan::Plan;
@@ -97,6 +100,7 @@ async fn reload(
 async fn metrics_page(State(state): State<AppState>) -> axum::response::Response {
     let now = crate::now_ms();
     let q = state.store.queue_stats().await.unwrap_or_default();
+    crate::telemetry::collect_process();
     let plan = state.plan.load();
     let status = state.reloader.status();
     let s = crate::telemetry::State {
@@ -113,7 +117,6 @@ async fn metrics_page(State(state): State<AppState>) -> axum::response::Response
             .unwrap_or_default(),
         last_reload_ok: status.ok,
         last_success_seconds: status.loaded_at as f64 / 1000.0,
-        start_seconds: state.started,
     };
     (
         [(
