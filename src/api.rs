@@ -291,7 +291,18 @@ async fn test(
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
         history.push(e);
     }
-    let fired = crate::simulate::simulate(&plan, &history);
+    // Rendering is CPU work: off the threads that serve HTTP.
+    let fired = {
+        let plan = plan.clone();
+        tokio::task::spawn_blocking(move || crate::simulate::simulate(&plan, &history))
+            .await
+            .map_err(|e| {
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("the simulation stopped unexpectedly: {e}"),
+                )
+            })?
+    };
     let client = req
         .send
         .then(|| crate::deliver::client(&plan.settings.delivery.user_agent));

@@ -121,7 +121,29 @@ impl Deliverer {
         let pb = &plan.postbacks[entry.postback];
         let attempt_no = d.attempts + 1;
         let started = crate::now_ms();
-        let rendered = match render::render(&plan, entry, &d.event) {
+        // Rendering is CPU work of unknown size (a template may loop): it runs on the
+        // blocking pool, never on the threads that serve HTTP, and its fuel bounds it.
+        let rendered = {
+            let (plan, event) = (plan.clone(), d.event.clone());
+            let key = (d.postback_id.clone(), d.offer.clone());
+            tokio::task::spawn_blocking(move || {
+                let entry =
+                    plan.entry(&key.0, &key.1)
+                        .ok_or_else(|| render::RenderError::Template {
+                            part: "render".into(),
+                            message: "the postback left the config".into(),
+                        })?;
+                render::render(&plan, entry, &event)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(render::RenderError::Template {
+                    part: "render".into(),
+                    message: format!("the render stopped unexpectedly: {e}"),
+                })
+            })
+        };
+        let rendered = match rendered {
             Ok(r) => r,
             Err(e) => {
                 let next = schedule::next(

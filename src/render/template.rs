@@ -80,6 +80,9 @@ impl Engine {
     pub fn new() -> Engine {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
+        // Every render stops after this many steps, so a template that loops over a long
+        // value cannot hold a thread: the attempt fails as a render error instead.
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_auto_escape_callback(|name| {
             if name.ends_with(".url") {
                 AutoEscape::Custom("url")
@@ -310,9 +313,19 @@ pub(crate) fn text_of(v: &Value) -> String {
 }
 
 /// One line saying what went wrong in a template, without minijinja's internal names.
+/// How many steps (minijinja instructions) one render or condition may take. A template
+/// that prints a few dozen macros takes a few hundred; a loop over a list of 1,000 items
+/// takes a few thousand.
+pub const RENDER_FUEL: u64 = 100_000;
+
 fn describe(e: Error) -> String {
     let mut msg = match e.kind() {
         ErrorKind::UndefinedError => "undefined value".to_string(),
+        ErrorKind::OutOfFuel => {
+            return format!(
+                "the template stopped after {RENDER_FUEL} steps (a loop over a long value?); simplify it"
+            )
+        }
         _ => e
             .detail()
             .map(str::to_string)

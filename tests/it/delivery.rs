@@ -351,3 +351,91 @@ async fn wait_state(d: &Daemon, id: i64, state: &str) -> Value {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A template that loops over a long value passes `check`, but its render stops after a
+/// bounded number of steps and fails as a render error; meanwhile health checks, webhooks and
+/// other postbacks are served, because renders run off the threads that serve HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runaway_template_fails_as_a_render_error_and_stalls_nothing() {
+    let sink = Sink::start().await;
+    let cfg = tempfile::tempdir().unwrap();
+    let settings = "api:\n  admin_tokens: [\"${env:POSTBACKD_ADMIN_TOKEN:-}\"]\n";
+    write_config(
+        cfg.path(),
+        settings,
+        &format!(
+            "postbacks:
+  - id: heavy
+    trigger: conversion
+    retry: [1s]
+    http:
+      url: \"http://{s}/heavy?n={{% for a in clickid %}}{{% for b in clickid %}}{{% for c in clickid %}}{{% endfor %}}{{% endfor %}}{{% endfor %}}{{{{ clickid | length }}}}\"
+  - id: light
+    trigger: conversion
+    http: {{ url: \"http://{s}/light?cid={{clickid}}\" }}
+",
+            s = sink.addr
+        ),
+    );
+    let (code, out, err) = run_cli(&["check", cfg.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "the template is valid: {out}{err}");
+    let data = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(cfg.path(), data.path(), &[("POSTBACKD_ADMIN_TOKEN", TOKEN)]);
+    let long = "x".repeat(600);
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let (code, body) =
+            get_json(&d.url(&format!("/postback?clickid={long}{i}&status=approved"))).await;
+        assert_eq!(code, 200, "{body}");
+        ids.push(body["deliveries"][0].as_i64().unwrap());
+    }
+    let quick = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    for i in 0..10 {
+        let r = quick.get(d.url("/-/healthy")).send().await;
+        assert!(
+            r.map(|r| r.status() == 200).unwrap_or(false),
+            "health check {i} was not answered within 2 s"
+        );
+        let r = quick
+            .get(d.url(&format!("/postback?clickid=small{i}")))
+            .send()
+            .await;
+        assert!(
+            r.map(|r| r.status() == 200).unwrap_or(false),
+            "webhook {i} was not answered within 2 s"
+        );
+    }
+    let got = sink.wait_for(Some("/light"), 12, WAIT).await;
+    assert_eq!(got.len(), 12);
+    for id in ids {
+        let start = Instant::now();
+        let attempt = loop {
+            let (_, v) = send_json(api(
+                &d,
+                reqwest::Method::GET,
+                &format!("/api/v1/deliveries/{id}"),
+            ))
+            .await;
+            if let Some(a) = v["attempt_log"].as_array().and_then(|l| l.first()).cloned() {
+                break a;
+            }
+            assert!(start.elapsed() < WAIT, "{v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(attempt["outcome"], "render_error", "{attempt}");
+        assert!(
+            attempt["error"]
+                .as_str()
+                .unwrap()
+                .contains("stopped after 100000 steps"),
+            "{attempt}"
+        );
+    }
+    // Only the short click ids rendered (each is 6 characters long).
+    for r in sink.on_path("/heavy") {
+        assert_eq!(r.param("n").as_deref(), Some("6"), "{r:?}");
+    }
+}
