@@ -86,14 +86,30 @@ async fn a_burst_past_the_handoff_buffer_is_delivered_exactly_once() {
     let got = sink
         .wait_for(Some("/ok"), 3000, Duration::from_secs(60))
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(got.len(), 3000, "{}", d.logs());
+    // A marker queued after the burst: once it has arrived, a duplicate of the burst
+    // would have too (the queue goes out in order of due time).
+    post_events(&d, conversions(1, "marker-")).await;
+    let start = Instant::now();
+    while !sink
+        .on_path("/ok")
+        .iter()
+        .any(|r| r.param("cid").as_deref() == Some("marker-0"))
+    {
+        assert!(
+            start.elapsed() < WAIT,
+            "the marker never arrived: {}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let cids: Vec<String> = sink
         .on_path("/ok")
         .iter()
         .filter_map(|r| r.param("cid"))
+        .filter(|c| c != "marker-0")
         .collect();
     let distinct: std::collections::HashSet<&String> = cids.iter().collect();
-    assert_eq!(got.len(), 3000, "{}", d.logs());
     assert_eq!(distinct.len(), 3000);
     assert_eq!(cids.len(), 3000, "duplicates were sent");
 }

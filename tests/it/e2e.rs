@@ -300,11 +300,41 @@ async fn failures_are_retried_and_dead_ends_are_not() {
         d.wait_log("postback=flaky attempt=3 outcome=\"delivered\"", WAIT)
             .await
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(sink.on_path("/refused").len(), 1, "a 400 is final");
-    assert!(d
+    // The attempt's own record says no retry follows: the delivery is dead after it.
+    assert!(
+        d.wait_log(
+            "postback=refused attempt=1 outcome=\"4xx\" status=400",
+            WAIT
+        )
+        .await,
+        "{}",
+        d.logs()
+    );
+    let line = d
         .logs()
-        .contains("postback=refused attempt=1 outcome=\"4xx\" status=400"));
+        .lines()
+        .find(|l| l.contains("postback=refused attempt=1"))
+        .unwrap()
+        .to_string();
+    assert!(line.contains("next=\"dead\""), "a 400 is final: {line}");
+    // A marker sent after: once it has arrived, a retry of the first (due 100 ms after
+    // the first attempt, long before the marker was sent) would have too.
+    get_json(&d.url("/postback?clickid=r2")).await;
+    let start = std::time::Instant::now();
+    while sink
+        .on_path("/refused")
+        .iter()
+        .all(|r| r.param("cid").as_deref() != Some("r2"))
+    {
+        assert!(start.elapsed() < WAIT, "{}", d.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first: Vec<_> = sink
+        .on_path("/refused")
+        .into_iter()
+        .filter(|r| r.param("cid").as_deref() == Some("r1"))
+        .collect();
+    assert_eq!(first.len(), 1, "a 400 is final");
 }
 
 #[tokio::test]

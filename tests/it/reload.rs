@@ -271,11 +271,32 @@ async fn sighup_and_http_reload_without_the_watcher() {
     write_config(cfg.path(), "", &rule("main", sink.addr, "/a"));
     let data = tempfile::tempdir().unwrap();
     let d = Daemon::start_args(cfg.path(), data.path(), &[], &["--no-watch"]);
+    // A watching daemon beside it, given the same edit, is the marker: once it has
+    // reloaded, the other would have too if it watched.
+    let watched = tempfile::tempdir().unwrap();
+    write_config(watched.path(), "", &rule("main", sink.addr, "/a"));
+    let w = Daemon::start(watched.path());
     std::fs::write(cfg.path().join("rules.yaml"), rule("main", sink.addr, "/b")).unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    std::fs::write(
+        watched.path().join("rules.yaml"),
+        rule("main", sink.addr, "/b"),
+    )
+    .unwrap();
+    assert!(
+        w.wait_log("config reloaded", Duration::from_secs(10)).await,
+        "{}",
+        w.logs()
+    );
     assert!(
         !d.logs().contains("config reloaded"),
         "--no-watch still watched"
+    );
+    get_json(&d.url("/postback?clickid=h0")).await;
+    let got = sink.wait_for(Some("/a"), 1, Duration::from_secs(5)).await;
+    assert_eq!(
+        got[0].param("cid").as_deref(),
+        Some("h0"),
+        "the old rule serves"
     );
 
     // SAFETY: kill(2) on the child we started.
