@@ -141,6 +141,7 @@ pub async fn run_plan(
         reloader,
         metrics: metrics_handle,
         started: started_ms as f64 / 1000.0,
+        limiters: Arc::default(),
     });
     let limits = plan.clone();
     let limits = move || {

@@ -44,6 +44,8 @@ pub struct ServerSettings {
     /// Open connections at most; `None`: the open-file limit minus room for deliveries and
     /// the store.
     pub max_connections: Option<usize>,
+    /// Proxies whose `X-Forwarded-For` / `Forwarded` headers say who the client is.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for ServerSettings {
@@ -53,6 +55,7 @@ impl Default for ServerSettings {
             idle_timeout: Duration::from_secs(75),
             request_timeout: Duration::from_secs(30),
             max_connections: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -123,8 +126,39 @@ pub struct Source {
     pub secret: Option<String>,
     pub secret_param: String,
     pub secret_header: Option<String>,
+    /// An HMAC of the raw body the sender must put in a header.
+    pub signature: Option<Signature>,
+    /// The networks it may send from (empty: any).
+    pub allow_ips: Vec<ipnet::IpNet>,
+    /// Webhooks per second at most (a token bucket holding one second's worth).
+    pub rate: Option<f64>,
     pub map: FieldMap,
     pub kind: Kind,
+}
+
+/// How a source signs its webhooks: an HMAC of the raw body (or of the timestamp and the
+/// body), in a header, as hex or base64, after an optional prefix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signature {
+    pub header: String,
+    pub secret: String,
+    pub algorithm: HmacAlgorithm,
+    pub base64: bool,
+    /// Written before the digest, such as `sha256=`.
+    pub prefix: String,
+    /// The header holding the unix time the sender signed, if it signs one.
+    pub timestamp_header: Option<String>,
+    /// How far that time may be from now.
+    pub tolerance: Duration,
+    /// What is signed, with `{timestamp}` and `{body}` in it (`{timestamp}.{body}` when a
+    /// timestamp is signed, `{body}` otherwise).
+    pub payload: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HmacAlgorithm {
+    Sha256,
+    Sha1,
 }
 
 #[derive(Debug, Clone, PartialEq)]

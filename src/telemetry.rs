@@ -39,13 +39,17 @@ pub const CONNECTION_CLOSE_REASONS: [&str; 5] = [
 ];
 
 /// Results of an incoming event.
-pub const EVENT_RESULTS: [&str; 5] = [
+pub const EVENT_RESULTS: [&str; 8] = [
     "accepted",
     "invalid",
     "unauthorized",
+    "forbidden",
+    "rate_limited",
+    "too_large",
     "unknown_source",
     "unavailable",
 ];
+pub const REFUSED: &str = "postbackd_webhooks_refused_total";
 pub const KINDS: [&str; 3] = ["click", "impression", "conversion"];
 /// Final outcomes of a delivery.
 pub const FINAL: [&str; 3] = ["delivered", "dead", "cancelled"];
@@ -126,6 +130,10 @@ fn describe() {
         "From the webhook's arrival to the postback's delivery (holds included), by postback."
     );
     describe_counter!(RELOADS, "Config reloads, by result (success, failure).");
+    describe_counter!(
+        REFUSED,
+        "Webhooks refused, by source and reason (bad_secret, bad_signature, ip_not_allowed, rate_limited, too_large, ...)."
+    );
 }
 
 /// Creates every series the plan's sources and postbacks can have, at zero.
@@ -152,6 +160,11 @@ pub fn register_plan(plan: &Plan) {
     }
     for r in ["success", "failure"] {
         metrics::counter!(RELOADS, "result" => r).increment(0);
+    }
+    for s in &sources {
+        for r in crate::ingest::guard::REASONS {
+            metrics::counter!(REFUSED, "source" => s.clone(), "reason" => r).increment(0);
+        }
     }
 }
 
@@ -263,6 +276,11 @@ fn render_postbacks(out: &mut String) {
 pub fn events(source: &str, kind: &str, result: &'static str, n: u64) {
     metrics::counter!(EVENTS, "source" => source.to_string(), "kind" => kind.to_string(), "result" => result)
         .increment(n);
+}
+
+/// A webhook was refused, for `reason` (one of [`crate::ingest::guard::REASONS`]).
+pub fn refused(source: &str, reason: &'static str) {
+    metrics::counter!(REFUSED, "source" => source.to_string(), "reason" => reason).increment(1);
 }
 
 /// An incoming event's result.

@@ -11,6 +11,7 @@ mod postbacks;
 pub mod raw;
 mod secret;
 mod settings;
+mod sources;
 
 use crate::ingest::event::{canonical_name, FieldMap, Kind, Status, CANONICAL};
 use crate::plan::*;
@@ -354,49 +355,23 @@ pub fn destination_of(url: &str) -> String {
     host.to_ascii_lowercase()
 }
 
+/// A duration as the config writes them: `500ms`, `30s`, `5m`, `2h`, `1h30m`, `30d` (a day
+/// is 24 hours). Parsed by jiff's "friendly" duration format.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if s.is_empty() {
         return Err("empty duration".into());
     }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!("bad duration `{s}`: expected a number"));
-        }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("bad duration `{s}`"))?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let d = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86400),
-            "" => {
-                return Err(format!(
-                    "bad duration `{s}`: missing unit (ms, s, m, h or d)"
-                ))
-            }
-            u => {
-                return Err(format!(
-                    "bad duration `{s}`: unknown unit `{u}` (use ms, s, m, h or d)"
-                ))
-            }
-        };
-        total += d;
+    if s.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!(
+            "bad duration `{s}`: missing unit (ms, s, m, h or d)"
+        ));
     }
-    Ok(total)
+    let span: jiff::Span = s.parse().map_err(|e| format!("bad duration `{s}`: {e}"))?;
+    let d = span
+        .to_duration(jiff::SpanRelativeTo::days_are_24_hours())
+        .map_err(|e| format!("bad duration `{s}`: {e}"))?;
+    Duration::try_from(d).map_err(|_| format!("bad duration `{s}`: it must not be negative"))
 }
 
 #[derive(Default)]
@@ -614,76 +589,6 @@ impl Compiler {
         }
     }
 
-    fn source(&mut self, file: &Path, s: &RawSource) {
-        let cx = Ctx {
-            file,
-            postback: None,
-        };
-        if self.sources.contains_key(&s.id.value) {
-            self.err(
-                &cx,
-                &s.id,
-                format!("source `{}` is defined twice", s.id.value),
-                Some("source ids must be unique across all files".into()),
-            );
-            return;
-        }
-        let secret = s.secret.as_ref().map(|v| self.expand(&cx, v));
-        let mut map = FieldMap::default();
-        for (canonical, param) in &s.fields {
-            if !CANONICAL.contains(&canonical.as_str()) {
-                let hint = suggest(canonical, CANONICAL.iter().copied());
-                self.err(
-                    &cx,
-                    param,
-                    format!("fields: `{canonical}` is not a canonical field"),
-                    hint,
-                );
-                continue;
-            }
-            map.fields.insert(canonical.clone(), param.value.clone());
-        }
-        for (word, status) in &s.status_map {
-            match Status::parse(&status.value) {
-                Some(st)
-                    if ["approved", "pending", "rejected"].contains(&status.value.as_str()) =>
-                {
-                    map.statuses.insert(word.clone(), st);
-                    map.statuses.insert(word.to_ascii_lowercase(), st);
-                }
-                _ => self.err(
-                    &cx,
-                    status,
-                    format!("status_map: `{}` is not a status", status.value),
-                    Some("map to approved, pending or rejected".into()),
-                ),
-            }
-        }
-        let kind = match &s.kind {
-            Some(k) => Kind::parse(&k.value).unwrap_or_else(|| {
-                self.err(
-                    &cx,
-                    k,
-                    format!("kind: unknown kind `{}`", k.value),
-                    Some("use click, impression or conversion".into()),
-                );
-                Kind::Conversion
-            }),
-            None => Kind::Conversion,
-        };
-        self.sources.insert(
-            s.id.value.clone(),
-            Source {
-                id: s.id.value.clone(),
-                secret,
-                secret_param: s.secret_param.clone().unwrap_or_else(|| "token".into()),
-                secret_header: s.secret_header.clone(),
-                map,
-                kind,
-            },
-        );
-    }
-
     fn offer(&mut self, file: &Path, o: &RawOffer) {
         let cx = Ctx {
             file,
@@ -762,24 +667,10 @@ pub fn suggest<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> Option<S
         n => n / 2,
     };
     known
-        .map(|k| (levenshtein(&lname, &k.to_ascii_lowercase()), k))
+        .map(|k| (strsim::levenshtein(&lname, &k.to_ascii_lowercase()), k))
         .filter(|(d, _)| *d > 0 && *d <= limit)
         .min_by_key(|(d, _)| *d)
         .map(|(_, k)| format!("did you mean `{k}`?"))
-}
-
-fn levenshtein(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 #[cfg(test)]

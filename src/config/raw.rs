@@ -95,6 +95,9 @@ pub struct RawServer {
     pub request_timeout: Option<Spanned<String>>,
     /// A number, or `auto`.
     pub max_connections: Option<Spanned<String>>,
+    /// CIDRs or addresses of reverse proxies allowed to say who the client is.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -161,6 +164,12 @@ pub struct RawSource {
     pub secret_param: Option<String>,
     /// Header carrying the secret instead (e.g. `X-Postback-Token`).
     pub secret_header: Option<String>,
+    /// An HMAC signature of the body the sender must send.
+    pub signature: Option<RawSignature>,
+    /// Networks (CIDRs or addresses) the source may send from.
+    pub allow_ips: Option<Vec<Spanned<String>>>,
+    /// `100/s`, `6000/m`: at most this many webhooks; more get 429.
+    pub rate: Option<Spanned<String>>,
     /// canonical field → this tracker's parameter name.
     #[serde(default)]
     pub fields: BTreeMap<String, Spanned<String>>,
@@ -169,6 +178,23 @@ pub struct RawSource {
     pub status_map: BTreeMap<String, Spanned<String>>,
     /// Event kind when the request does not say (default conversion).
     pub kind: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSignature {
+    pub header: Spanned<String>,
+    /// `${env:…}` or `${file:…}`.
+    pub secret: Spanned<String>,
+    /// `sha256` (default) or `sha1`.
+    pub algorithm: Option<Spanned<String>>,
+    /// `hex` (default) or `base64`.
+    pub encoding: Option<Spanned<String>>,
+    pub prefix: Option<String>,
+    pub timestamp_header: Option<String>,
+    pub tolerance: Option<Spanned<String>>,
+    /// What is signed: `{timestamp}.{body}` by default with a timestamp.
+    pub payload: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

@@ -225,6 +225,11 @@ impl Compiler {
                 }
             }
         }
+        out.trusted_proxies = raw
+            .trusted_proxies
+            .iter()
+            .filter_map(|n| self.network(cx, "server.trusted_proxies", n))
+            .collect();
         if let Some(m) = &raw.max_connections {
             match m.value.trim() {
                 "auto" => {}

@@ -3,6 +3,7 @@
 //! postbacks it matched, or a 4xx with a reason. Ingest never waits on outgoing requests.
 
 pub mod event;
+pub mod guard;
 
 use crate::plan::{Plan, Source};
 use crate::server::AppState;
@@ -23,28 +24,78 @@ fn builtin_default() -> Source {
         secret: None,
         secret_param: "token".into(),
         secret_header: None,
+        signature: None,
+        allow_ips: Vec::new(),
+        rate: None,
         map: FieldMap::default(),
         kind: Kind::Conversion,
     }
 }
 
-/// A rejected request: status plus a JSON reason.
-pub struct Reject(StatusCode, Value);
+/// A rejected request: status plus a JSON reason, the reason's label for the metrics, and
+/// when to come back (429).
+pub struct Reject {
+    code: StatusCode,
+    body: Value,
+    reason: &'static str,
+    retry_after: Option<u64>,
+}
 
 impl Reject {
     fn new(code: StatusCode, msg: impl Into<String>) -> Reject {
-        Reject(code, json!({ "error": msg.into() }))
+        let reason = match code.as_u16() {
+            404 => "unknown_source",
+            503 => "unavailable",
+            413 => "too_large",
+            _ => "invalid",
+        };
+        Reject::with_reason(code, reason, msg)
+    }
+
+    fn with_reason(code: StatusCode, reason: &'static str, msg: impl Into<String>) -> Reject {
+        Reject {
+            code,
+            body: json!({ "error": msg.into() }),
+            reason,
+            retry_after: None,
+        }
+    }
+}
+
+impl From<guard::Refusal> for Reject {
+    fn from(r: guard::Refusal) -> Reject {
+        Reject {
+            retry_after: r.retry_after,
+            ..Reject::with_reason(r.status, r.reason, r.message)
+        }
     }
 }
 
 impl IntoResponse for Reject {
     fn into_response(self) -> Response {
-        (self.0, Json(self.1)).into_response()
+        let mut body = self.body;
+        if let Some(obj) = body.as_object_mut() {
+            obj.insert("reason".into(), json!(self.reason));
+        }
+        let mut r = (self.code, Json(body)).into_response();
+        if let Some(s) = self.retry_after {
+            if let Ok(v) = axum::http::HeaderValue::from_str(&s.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        r
     }
 }
 
 fn bad(msg: impl Into<String>) -> Reject {
     Reject::new(StatusCode::BAD_REQUEST, msg)
+}
+
+/// Counts a refused webhook: its result in `events_received_total`, its reason in
+/// `webhooks_refused_total`.
+fn count_refusal(source: &str, kind: Kind, r: &Reject) {
+    crate::telemetry::event(source, kind.as_str(), result_of(r));
+    crate::telemetry::refused(source, r.reason);
 }
 
 fn resolve_source(plan: &Plan, name: Option<&str>) -> Result<Source, Reject> {
@@ -83,8 +134,9 @@ fn check_secret(
     };
     match got {
         Some(g) if constant_time_eq(g.as_bytes(), want.as_bytes()) => Ok(()),
-        Some(_) => Err(Reject::new(
+        Some(_) => Err(Reject::with_reason(
             StatusCode::UNAUTHORIZED,
+            "bad_secret",
             format!("wrong secret for source `{}`", source.id),
         )),
         None => {
@@ -92,16 +144,19 @@ fn check_secret(
                 Some(h) => format!("header `{h}`"),
                 None => format!("parameter `{}`", source.secret_param),
             };
-            Err(Reject::new(
+            Err(Reject::with_reason(
                 StatusCode::UNAUTHORIZED,
+                "missing_secret",
                 format!("source `{}` requires its secret in {where_}", source.id),
             ))
         }
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Equal, in time that does not depend on where the inputs differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 /// Builds an event from a JSON object as `source` (the default source when `None`) would
@@ -113,7 +168,8 @@ pub fn parse_event(
     now_ms: i64,
 ) -> Result<Event, String> {
     let source = resolve_source(plan, source).map_err(|r| {
-        r.1.get("error")
+        r.body
+            .get("error")
             .and_then(Value::as_str)
             .unwrap_or("bad source")
             .to_string()
@@ -194,9 +250,12 @@ fn body_params(
 
 /// The metrics result of a rejection.
 fn result_of(r: &Reject) -> &'static str {
-    match r.0.as_u16() {
-        401 | 403 => "unauthorized",
+    match r.code.as_u16() {
+        401 => "unauthorized",
+        403 => "forbidden",
         404 => "unknown_source",
+        413 => "too_large",
+        429 => "rate_limited",
         503 => "unavailable",
         _ => "invalid",
     }
@@ -243,22 +302,65 @@ async fn accept(
     }
 }
 
+/// The checks on where a webhook comes from and its size, before its fields are read.
+fn admit_peer<'b>(
+    plan: &Plan,
+    source: &Source,
+    peer: Option<std::net::SocketAddr>,
+    headers: &HeaderMap,
+    body: &'b Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<&'b [u8], Reject> {
+    if let Some(peer) = peer {
+        let ip = guard::client_ip(peer.ip(), headers, &plan.settings.server.trusted_proxies);
+        guard::check_ip(source, ip)?;
+    }
+    body.as_deref().map_err(|e| {
+        Reject::new(
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            },
+            format!("cannot read the body: {} (at most 1 MiB)", e.body_text()),
+        )
+    })
+}
+
+/// The checks on who sent it: its signature, then its source's rate (the secret is checked
+/// with the fields, which may carry it).
+fn admit_sender(
+    state: &AppState,
+    source: &Source,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), Reject> {
+    guard::check_signature(source, headers, body, crate::now_ms())?;
+    state.limiters.check(source)?;
+    Ok(())
+}
+
 /// `GET|POST /postback` and `/postback/{source}`: tracker-style incoming postbacks.
 pub async fn postback(
     State(state): State<AppState>,
     source: Option<Path<String>>,
     RawQuery(query): RawQuery,
+    peer: Option<axum::Extension<guard::Peer>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<Value>, Reject> {
     let plan = state.plan.load_full();
     let source = resolve_source(&plan, source.as_ref().map(|p| p.0.as_str())).inspect_err(|r| {
-        crate::telemetry::event("unknown", "conversion", result_of(r));
+        count_refusal("unknown", Kind::Conversion, r);
     })?;
     let mut params = BTreeMap::new();
     query_params(query.as_deref(), &mut params);
-    let parsed = body_params(&headers, &body, &mut params)
-        .and_then(|()| check_secret(&source, &headers, &mut params))
+    let peer = peer.map(|p| p.0 .0);
+    let parsed = admit_peer(&plan, &source, peer, &headers, &body)
+        .and_then(|raw| {
+            body_params(&headers, raw, &mut params)?;
+            check_secret(&source, &headers, &mut params)?;
+            admit_sender(&state, &source, &headers, raw)
+        })
         .and_then(|()| {
             Event::from_params(
                 params,
@@ -269,9 +371,7 @@ pub async fn postback(
             )
             .map_err(|e| bad(e.to_string()))
         });
-    let event = parsed.inspect_err(|r| {
-        crate::telemetry::event(&source.id, source.kind.as_str(), result_of(r));
-    })?;
+    let event = parsed.inspect_err(|r| count_refusal(&source.id, source.kind, r))?;
     let mut out = accept(state, plan, vec![event]).await?;
     Ok(Json(out.pop().unwrap_or_default()))
 }
@@ -282,33 +382,39 @@ pub async fn postback(
 pub async fn events(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
+    peer: Option<axum::Extension<guard::Peer>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<Value>, Reject> {
     let plan = state.plan.load_full();
     let mut q = BTreeMap::new();
     query_params(query.as_deref(), &mut q);
     let source = resolve_source(&plan, q.get("source").map(String::as_str)).inspect_err(|r| {
-        crate::telemetry::event("unknown", "conversion", result_of(r));
+        count_refusal("unknown", Kind::Conversion, r);
     })?;
-    let count_bad = |n: usize, result: &'static str| {
-        crate::telemetry::events(&source.id, source.kind.as_str(), result, n as u64);
+    q.remove("source");
+    let refuse = |r: Reject| {
+        count_refusal(&source.id, source.kind, &r);
+        r
     };
-    let v: Value = serde_json::from_slice(&body).map_err(|e| {
-        count_bad(1, "invalid");
-        bad(format!("body is not valid JSON: {e}"))
-    })?;
+    // The secret (in a header, the query or each event) is checked per event below, as
+    // each may carry it; the rest once for the request.
+    let peer = peer.map(|p| p.0 .0);
+    let raw = admit_peer(&plan, &source, peer, &headers, &body).map_err(refuse)?;
+    admit_sender(&state, &source, &headers, raw).map_err(refuse)?;
+    let v: Value = serde_json::from_slice(raw)
+        .map_err(|e| refuse(bad(format!("body is not valid JSON: {e}"))))?;
     let (items, batch) = match v {
         Value::Array(a) => (a, true),
         obj @ Value::Object(_) => (vec![obj], false),
         _ => {
-            count_bad(1, "invalid");
-            return Err(bad("send a JSON object (one event) or an array of them"));
+            return Err(refuse(bad(
+                "send a JSON object (one event) or an array of them",
+            )))
         }
     };
     if items.len() > 1000 {
-        count_bad(items.len(), "invalid");
-        return Err(bad("a batch holds at most 1000 events"));
+        return Err(refuse(bad("a batch holds at most 1000 events")));
     }
     let mut evs = Vec::with_capacity(items.len());
     let mut errors = Vec::new();
@@ -318,13 +424,11 @@ pub async fn events(
             continue;
         };
         let mut params = q.clone();
-        params.remove("source");
         if let Err(e) = json_params(obj, &mut params) {
             errors.push(json!({"index": i, "error": e}));
             continue;
         }
-        check_secret(&source, &headers, &mut params)
-            .inspect_err(|_| count_bad(1, "unauthorized"))?;
+        check_secret(&source, &headers, &mut params).map_err(refuse)?;
         match Event::from_params(
             params,
             source.kind,
@@ -337,9 +441,19 @@ pub async fn events(
         }
     }
     if !errors.is_empty() {
-        count_bad(items.len(), "invalid");
-        let body = json!({ "error": "invalid events; none were accepted", "errors": errors });
-        return Err(Reject(StatusCode::BAD_REQUEST, body));
+        crate::telemetry::events(
+            &source.id,
+            source.kind.as_str(),
+            "invalid",
+            items.len() as u64,
+        );
+        crate::telemetry::refused(&source.id, "invalid");
+        return Err(Reject {
+            code: StatusCode::BAD_REQUEST,
+            body: json!({ "error": "invalid events; none were accepted", "errors": errors }),
+            reason: "invalid",
+            retry_after: None,
+        });
     }
     let out = accept(state, plan, evs).await?;
     if batch {

@@ -319,7 +319,7 @@ pub async fn serve(
             _ = &mut shutdown => break,
             a = listener.accept() => a,
         };
-        let (stream, _peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 // Out of descriptors (EMFILE, ENFILE): the cap was set too high for what
@@ -351,8 +351,10 @@ pub async fn serve(
         let app = app.clone();
         let svc_conn = conn.clone();
         let service =
-            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 let guard = InProgress::start(&svc_conn);
+                req.extensions_mut()
+                    .insert(crate::ingest::guard::Peer(peer));
                 let mut app = app.clone();
                 async move {
                     let answer =

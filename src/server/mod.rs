@@ -25,6 +25,8 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// When the process started (unix seconds).
     pub started: f64,
+    /// Each source's rate limit, kept across reloads.
+    pub limiters: Arc<crate::ingest::guard::Limiters>,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -11,4 +11,5 @@ mod metrics;
 mod reload;
 mod rules;
 mod secrets;
+mod sources;
 mod support;
