@@ -82,7 +82,7 @@ PY
 }
 
 start_daemon() { # dir data [extra args]
-  POSTBACKD_LOG=warn "$bin" run "$1" --listen "$DAEMON" --data-dir "$2" --no-watch "${@:3}" 2>>"$work/daemon.log" &
+  POSTBACKD_LOG=warn "$bin" run "$1" --listen "$DAEMON" --allow-network 127.0.0.1 --data-dir "$2" --no-watch "${@:3}" 2>>"$work/daemon.log" &
   daemon_pid=$!
   wait_http "http://$DAEMON/-/ready"
 }

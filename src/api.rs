@@ -304,14 +304,15 @@ async fn test(
                 )
             })?
     };
+    let egress = crate::deliver::egress::Egress::new(state.plan.clone());
     let client = req
         .send
-        .then(|| crate::deliver::client(&plan.settings.delivery.user_agent));
+        .then(|| crate::deliver::client(&plan.settings.delivery.user_agent, egress.clone()));
     let mut out = Vec::new();
     for f in &fired {
         let mut v = json!(crate::simulate::FiredJson::new(f));
         if let (Some(c), Ok(r)) = (&client, &f.request) {
-            let tried = crate::deliver::send_once(c, &plan, &f.postback, &r.request).await;
+            let tried = crate::deliver::send_once(c, &egress, &plan, &f.postback, &r.request).await;
             tracing::info!(postback = %f.postback, outcome = %tried.outcome, "test postback sent by hand");
             v["answer"] = json!(tried);
         }

@@ -80,6 +80,8 @@ pub struct Options {
     /// Reload when files in the config directory change (SIGHUP and `POST /-/reload`
     /// work either way).
     pub watch: bool,
+    /// Added to `delivery.allow_networks` (`--allow-network`).
+    pub allow_networks: Vec<deliver::egress::Allowed>,
 }
 
 /// Loads the config, opens the store, serves HTTP and delivers, until `shutdown` resolves.

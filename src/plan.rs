@@ -80,6 +80,10 @@ pub struct DeliverySettings {
     pub user_agent: String,
     /// Per-destination overrides, keyed by host (or `host:port`) as written in the URLs.
     pub destinations: HashMap<String, DestinationSettings>,
+    /// Networks deliveries may reach although they are internal (loopback, private…).
+    pub allow_networks: Vec<ipnet::IpNet>,
+    /// Host names deliveries may reach whatever they resolve to (`.suffix` for a domain).
+    pub allow_hosts: Vec<String>,
 }
 
 /// Limits for one destination host.
@@ -116,6 +120,8 @@ impl Default for DeliverySettings {
             orphan_grace: DEFAULT_ORPHAN_GRACE,
             user_agent: format!("postbackd/{}", env!("CARGO_PKG_VERSION")),
             destinations: HashMap::new(),
+            allow_networks: Vec::new(),
+            allow_hosts: Vec::new(),
         }
     }
 }

@@ -28,6 +28,9 @@ pub fn load(opts: &Options) -> Result<Plan, ConfigErrors> {
     if let Some(d) = &opts.data_dir {
         plan.settings.data_dir = d.clone();
     }
+    for a in &opts.allow_networks {
+        crate::deliver::egress::allow(&mut plan.settings.delivery, a.clone());
+    }
     plan.git = git::head(&opts.config_dir);
     Ok(plan)
 }
@@ -330,6 +333,7 @@ pub async fn watch(reloader: Arc<Reloader>, mut shutdown: tokio::sync::watch::Re
     if let Some(p) = dir.parent() {
         let _ = watcher.watch(p, RecursiveMode::NonRecursive);
     }
+    tracing::info!(dir = %dir.display(), "watching the config directory");
     let mut target = std::fs::canonicalize(&dir).unwrap_or(dir.clone());
     loop {
         tokio::select! {

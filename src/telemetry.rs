@@ -54,7 +54,7 @@ pub const KINDS: [&str; 3] = ["click", "impression", "conversion"];
 /// Final outcomes of a delivery.
 pub const FINAL: [&str; 3] = ["delivered", "dead", "cancelled"];
 /// Result classes of an attempt.
-pub const RESULTS: [&str; 10] = [
+pub const RESULTS: [&str; 11] = [
     "2xx",
     "3xx",
     "4xx",
@@ -64,6 +64,7 @@ pub const RESULTS: [&str; 10] = [
     "tls",
     "body_rejected",
     "render_error",
+    "blocked",
     "error",
 ];
 

@@ -35,6 +35,10 @@ enum Command {
         /// Do not watch the config directory; reload only on SIGHUP or POST /-/reload.
         #[arg(long)]
         no_watch: bool,
+        /// A network, address or host deliveries may reach although it is internal, on top
+        /// of `delivery.allow_networks` (repeat for several).
+        #[arg(long = "allow-network")]
+        allow_networks: Vec<String>,
     },
     /// Check a config directory: print every error, or a one-line summary.
     Check { dir: PathBuf },
@@ -57,6 +61,10 @@ enum Command {
         /// Only show what would be sent (the default).
         #[arg(long)]
         dry_run: bool,
+        /// A network, address or host `--send` may reach although it is internal, on top
+        /// of `delivery.allow_networks` (repeat for several).
+        #[arg(long = "allow-network")]
+        allow_networks: Vec<String>,
     },
     /// What a rule change does: postbacks added, removed and changed, and for sample
     /// events (the rule tests of both directories, or --events), what would be sent
@@ -91,19 +99,39 @@ pub fn main() -> ExitCode {
             source,
             send,
             dry_run: _,
-        } => rules::fire(&dir, &event, &before, source.as_deref(), send),
+            allow_networks,
+        } => rules::fire(
+            &dir,
+            &event,
+            &before,
+            source.as_deref(),
+            send,
+            &allow_networks,
+        ),
         Command::Sink { listen } => sink(listen),
         Command::Run {
             dir,
             listen,
             data_dir,
             no_watch,
+            allow_networks,
         } => {
+            let mut allowed = Vec::new();
+            for a in &allow_networks {
+                match crate::deliver::egress::parse_allowed(a) {
+                    Ok(a) => allowed.push(a),
+                    Err(e) => {
+                        eprintln!("error: --allow-network: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             let opts = crate::Options {
                 config_dir: dir,
                 listen,
                 data_dir,
                 watch: !no_watch,
+                allow_networks: allowed,
             };
             run(opts)
         }
@@ -123,6 +151,9 @@ fn check(dir: &std::path::Path) -> ExitCode {
                 plan.sources.len(),
                 plan.hash
             );
+            for w in crate::deliver::egress::warnings(&plan) {
+                eprintln!("warning: {w}");
+            }
             ExitCode::SUCCESS
         }
         Err(errs) => {

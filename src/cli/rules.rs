@@ -104,14 +104,24 @@ pub fn fire(
     before: &[String],
     source: Option<&str>,
     send: bool,
+    allow_networks: &[String],
 ) -> ExitCode {
-    let plan = match crate::config::load_dir(dir) {
+    let mut plan = match crate::config::load_dir(dir) {
         Ok(p) => p,
         Err(errs) => {
             eprintln!("{errs}");
             return ExitCode::from(1);
         }
     };
+    for a in allow_networks {
+        match crate::deliver::egress::parse_allowed(a) {
+            Ok(a) => crate::deliver::egress::allow(&mut plan.settings.delivery, a),
+            Err(e) => {
+                eprintln!("error: --allow-network: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let mut history = Vec::new();
     for (i, arg) in before.iter().map(String::as_str).chain([event]).enumerate() {
         let parsed = event_arg(arg).and_then(|m| {
@@ -133,7 +143,10 @@ pub fn fire(
     let Some(rt) = super::runtime() else {
         return ExitCode::from(1);
     };
-    let client = crate::deliver::client(&plan.settings.delivery.user_agent);
+    let plan = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(plan));
+    let egress = crate::deliver::egress::Egress::new(plan.clone());
+    let plan = plan.load_full();
+    let client = crate::deliver::client(&plan.settings.delivery.user_agent, egress.clone());
     let mut failed = false;
     for f in &fired {
         print_fired(f);
@@ -144,6 +157,7 @@ pub fn fire(
         if send {
             let t = rt.block_on(crate::deliver::send_once(
                 &client,
+                &egress,
                 &plan,
                 &f.postback,
                 &req.request,

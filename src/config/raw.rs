@@ -132,6 +132,9 @@ pub struct RawDeliverySettings {
     pub user_agent: Option<String>,
     #[serde(default)]
     pub destinations: BTreeMap<String, RawDestination>,
+    /// CIDRs, addresses or host names deliveries may reach although internal.
+    #[serde(default)]
+    pub allow_networks: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -64,6 +64,20 @@ impl Compiler {
             if let Some(ua) = &d.user_agent {
                 delivery.user_agent = ua.clone();
             }
+            for n in &d.allow_networks {
+                match crate::deliver::egress::parse_allowed(&n.value) {
+                    Ok(a) => crate::deliver::egress::allow(&mut delivery, a),
+                    Err(m) => self.err(
+                        &cx,
+                        n,
+                        format!("delivery.allow_networks: {m}"),
+                        Some(
+                            "write 10.0.0.0/8, 127.0.0.1, tracker.internal or .svc.cluster.local"
+                                .into(),
+                        ),
+                    ),
+                }
+            }
             for (host, raw) in &d.destinations {
                 let mut dest = DestinationSettings::default();
                 if let Some(n) = &raw.concurrency {

@@ -6,6 +6,7 @@
 //! cannot hold back others.
 
 mod dispatch;
+pub mod egress;
 mod gate;
 pub mod outcome;
 mod prune;
@@ -35,13 +36,18 @@ pub struct Deliverer {
     pub store: Store,
     pub plan: Arc<ArcSwap<Plan>>,
     pub client: reqwest::Client,
+    pub egress: egress::Egress,
 }
 
 /// Builds the outgoing HTTP client (rustls, no redirects followed: a postback's answer is
 /// the answer of the URL it was sent to).
-pub fn client(user_agent: &str) -> reqwest::Client {
+///
+/// Every name is resolved through `egress`, which drops the addresses the policy blocks, so
+/// the client connects only to addresses that passed.
+pub fn client(user_agent: &str, egress: egress::Egress) -> reqwest::Client {
     reqwest::Client::builder()
         .user_agent(user_agent)
+        .dns_resolver(Arc::new(egress))
         .redirect(reqwest::redirect::Policy::none())
         .pool_max_idle_per_host(32)
         .connect_timeout(Duration::from_secs(5))
@@ -52,10 +58,12 @@ pub fn client(user_agent: &str) -> reqwest::Client {
 impl Deliverer {
     pub fn new(store: Store, plan: Arc<ArcSwap<Plan>>) -> Deliverer {
         let ua = plan.load().settings.delivery.user_agent.clone();
+        let egress = egress::Egress::new(plan.clone());
         Deliverer {
             store,
             plan,
-            client: client(&ua),
+            client: client(&ua, egress.clone()),
+            egress,
         }
     }
 
@@ -222,14 +230,29 @@ impl Deliverer {
         &self,
         req: &Request,
         timeout: Duration,
-    ) -> Result<(u16, Option<Duration>, String), reqwest::Error> {
-        send(&self.client, req, timeout).await
+    ) -> Result<(u16, Option<Duration>, String), outcome::SendError> {
+        send(&self.client, &self.egress, req, timeout).await
     }
 }
 
 /// Sends one request; returns the status, any `Retry-After`, and the first 64 KiB of the
-/// body.
+/// body. A literal address the egress policy blocks is refused before anything is sent.
 pub async fn send(
+    client: &reqwest::Client,
+    egress: &egress::Egress,
+    req: &Request,
+    timeout: Duration,
+) -> Result<(u16, Option<Duration>, String), outcome::SendError> {
+    use outcome::SendError;
+    if let Ok(url) = reqwest::Url::parse(&req.url) {
+        egress.check_url(&url).map_err(SendError::Blocked)?;
+    }
+    send_http(client, req, timeout)
+        .await
+        .map_err(SendError::Http)
+}
+
+async fn send_http(
     client: &reqwest::Client,
     req: &Request,
     timeout: Duration,
@@ -297,6 +320,7 @@ pub struct Tried {
 /// answer by the postback's own rules (`fire --send`, `POST /api/v1/test`).
 pub async fn send_once(
     client: &reqwest::Client,
+    egress: &egress::Egress,
     plan: &Plan,
     postback_id: &str,
     req: &Request,
@@ -306,7 +330,7 @@ pub async fn send_once(
         .and_then(|p| p.http.timeout)
         .unwrap_or(plan.settings.delivery.timeout);
     let t0 = Instant::now();
-    let result = send(client, req, timeout).await;
+    let result = send(client, egress, req, timeout).await;
     let duration_ms = t0.elapsed().as_millis() as u64;
     let success = pb.map(|p| p.http.success.clone()).unwrap_or_default();
     let out = outcome::judge(result, &success);

@@ -28,17 +28,33 @@ pub enum Outcome {
     Connect(String),
     /// The TLS handshake failed (bad or expired certificate, wrong host name, protocol).
     Tls(String),
+    /// The egress policy refused the address (`delivery.allow_networks`); never retried.
+    Blocked(String),
     Other(String),
+}
+
+/// Why a request got no answer: the egress policy refused it, or the HTTP client failed.
+#[derive(Debug)]
+pub enum SendError {
+    Blocked(super::egress::Blocked),
+    Http(reqwest::Error),
 }
 
 /// Judges the result of sending a request against the postback's success rule.
 pub fn judge(
-    result: Result<(u16, Option<Duration>, String), reqwest::Error>,
+    result: Result<(u16, Option<Duration>, String), SendError>,
     success: &Success,
 ) -> Outcome {
-    // The error's url would carry what was placed in it, secrets included: the attempt
-    // already records the url as shown.
-    let result = result.map_err(reqwest::Error::without_url);
+    let result = match result {
+        Ok(r) => Ok(r),
+        Err(SendError::Blocked(b)) => return Outcome::Blocked(b.to_string()),
+        Err(SendError::Http(e)) => match super::egress::blocked_in(&e) {
+            Some(b) => return Outcome::Blocked(b.to_string()),
+            // The error's url would carry what was placed in it, secrets included: the
+            // attempt already records the url as shown.
+            None => Err(e.without_url()),
+        },
+    };
     let (status, retry_after, body) = match result {
         Ok(r) => r,
         Err(e) if e.is_timeout() => return Outcome::Timeout(error_chain(&e)),
@@ -132,7 +148,7 @@ impl Outcome {
     /// body rejections mean the destination understood and refused.
     pub fn retryable(&self) -> bool {
         match self {
-            Outcome::Delivered { .. } | Outcome::BodyRejected { .. } => false,
+            Outcome::Delivered { .. } | Outcome::BodyRejected { .. } | Outcome::Blocked(_) => false,
             Outcome::Status { status, .. } => *status == 408 || *status == 429 || *status >= 500,
             Outcome::Timeout(_) | Outcome::Connect(_) | Outcome::Tls(_) | Outcome::Other(_) => true,
         }
@@ -156,6 +172,7 @@ impl Outcome {
             Outcome::Timeout(_) => "timeout",
             Outcome::Connect(_) => "connect",
             Outcome::Tls(_) => "tls",
+            Outcome::Blocked(_) => "blocked",
             Outcome::Other(_) => "error",
         }
     }
@@ -187,9 +204,11 @@ impl Outcome {
             Outcome::BodyRejected { status, body, why } => {
                 (Some(*status), Some(cut(body)), Some(why.clone()))
             }
-            Outcome::Timeout(e) | Outcome::Connect(e) | Outcome::Tls(e) | Outcome::Other(e) => {
-                (None, None, Some(e.clone()))
-            }
+            Outcome::Timeout(e)
+            | Outcome::Connect(e)
+            | Outcome::Tls(e)
+            | Outcome::Blocked(e)
+            | Outcome::Other(e) => (None, None, Some(e.clone())),
         }
     }
 }
@@ -198,7 +217,7 @@ impl Outcome {
 mod tests {
     use super::*;
 
-    fn ok(status: u16, body: &str) -> Result<(u16, Option<Duration>, String), reqwest::Error> {
+    fn ok(status: u16, body: &str) -> Result<(u16, Option<Duration>, String), SendError> {
         Ok((status, None, body.to_string()))
     }
 

@@ -6,6 +6,7 @@ mod delivery;
 mod disk;
 mod durability;
 mod e2e;
+mod egress;
 mod log;
 mod metrics;
 mod reload;

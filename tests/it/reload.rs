@@ -276,6 +276,12 @@ async fn sighup_and_http_reload_without_the_watcher() {
     let watched = tempfile::tempdir().unwrap();
     write_config(watched.path(), "", &rule("main", sink.addr, "/a"));
     let w = Daemon::start(watched.path());
+    assert!(
+        w.wait_log("watching the config directory", Duration::from_secs(10))
+            .await,
+        "{}",
+        w.logs()
+    );
     std::fs::write(cfg.path().join("rules.yaml"), rule("main", sink.addr, "/b")).unwrap();
     std::fs::write(
         watched.path().join("rules.yaml"),

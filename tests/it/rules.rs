@@ -159,10 +159,18 @@ async fn fire_shows_what_would_be_sent_and_sends_it_on_request() {
             (200, "ok".into())
         }
     });
-    let (code, out, _) =
-        tokio::task::spawn_blocking(move || run_cli(&["fire", &dir, event, "--send"]))
-            .await
-            .unwrap();
+    let (code, out, _) = tokio::task::spawn_blocking(move || {
+        run_cli(&[
+            "fire",
+            &dir,
+            event,
+            "--send",
+            "--allow-network",
+            "127.0.0.1",
+        ])
+    })
+    .await
+    .unwrap();
     assert_eq!(code, 1, "the CRM refused in its body, so fire fails: {out}");
     assert!(out.contains("<- delivered 200"), "{out}");
     assert!(out.contains("<- body_rejected 200"), "{out}");

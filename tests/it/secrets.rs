@@ -136,6 +136,8 @@ async fn a_dead_destination_does_not_expose_the_secret_anywhere() {
             cfg.path().to_str().unwrap(),
             "clickid=c3&tid=T3&status=approved",
             "--send",
+            "--allow-network",
+            "127.0.0.1",
         ])
         .env("S", SECRET)
         .env("ADMIN", ADMIN)

@@ -183,8 +183,23 @@ impl Daemon {
         Daemon::start_args(config, data, env, &[])
     }
 
-    /// Starts with extra arguments for `postbackd run`.
+    /// Starts with extra arguments for `postbackd run`. The tests' receivers listen on
+    /// 127.0.0.1, which deliveries may not reach unless allowed: this says so, as a
+    /// deployment that needs it would.
     pub fn start_args(config: &Path, data: &Path, env: &[(&str, &str)], args: &[&str]) -> Daemon {
+        let mut all = vec!["--allow-network", "127.0.0.0/8"];
+        all.extend_from_slice(args);
+        Daemon::start_exactly(config, data, env, &all)
+    }
+
+    /// Starts with exactly these arguments after the config, listen address and data
+    /// directory: no network is allowed but what the config allows.
+    pub fn start_exactly(
+        config: &Path,
+        data: &Path,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Daemon {
         let mut cmd = Command::new(BIN);
         cmd.arg("run")
             .arg(config)
