@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests and end-to-end tests against the real binary, a real
-# Prometheus and promtool. Installs Prometheus (Debian's package) when it is missing.
+# Prometheus and promtool, and the Standard Webhooks reference library. Installs Prometheus
+# (Debian's package) and the library (PyPI) when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
@@ -8,6 +9,11 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
   sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+# The Standard Webhooks reference library, which checks the signatures postbackd sends.
+if ! python3 -c "import standardwebhooks" 2>/dev/null; then
+  echo "installing standardwebhooks (pip install standardwebhooks)" >&2
+  python3 -m pip install -q --disable-pip-version-check standardwebhooks
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -235,6 +235,18 @@ pub struct HttpAction {
     pub auth: Option<Auth>,
     pub timeout: Option<Duration>,
     pub success: Success,
+    /// Standard Webhooks signing keys (decoded from `whsec_…`), newest first.
+    pub sign: Option<SigningKeys>,
+}
+
+/// Keys that sign a postback the Standard Webhooks way. Never printed.
+#[derive(Clone, PartialEq)]
+pub struct SigningKeys(pub Vec<Vec<u8>>);
+
+impl std::fmt::Debug for SigningKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SigningKeys({} keys)", self.0.len())
+    }
 }
 
 #[derive(Debug)]

@@ -614,7 +614,12 @@ impl Compiler {
             },
             None => Success::default(),
         };
+        let sign = h
+            .sign
+            .as_ref()
+            .and_then(|g| self.signing_keys(cx, g, &h.url));
         Some(HttpAction {
+            sign,
             method,
             destination: destination_of(&url_text),
             url: url?,
@@ -669,5 +674,52 @@ impl Compiler {
             ),
             other => JsonTemplate::Static(other.clone()),
         }
+    }
+
+    /// `sign:`: each secret from `${env:…}`/`${file:…}`, `whsec_` and base64, as the
+    /// Standard Webhooks specification writes them.
+    fn signing_keys(
+        &mut self,
+        cx: &Ctx,
+        g: &RawSign,
+        url: &Spanned<String>,
+    ) -> Option<SigningKeys> {
+        let all: Vec<&Spanned<String>> =
+            g.secret.iter().chain(g.secrets.iter().flatten()).collect();
+        if all.is_empty() || all.len() > 2 {
+            let at = all.first().copied().unwrap_or(url);
+            self.err(
+                cx,
+                at,
+                "sign: give one secret, or two (new and old) while a key rotates",
+                Some("sign: { secret: \"${env:WEBHOOK_SECRET}\" }".into()),
+            );
+            return None;
+        }
+        let mut keys = Vec::new();
+        for s in all {
+            if !s.value.trim_start().starts_with("${") {
+                self.err(
+                    cx,
+                    s,
+                    "sign: a signing secret must not be written in the config",
+                    Some("read it from the environment or a file: ${env:WEBHOOK_SECRET}".into()),
+                );
+                continue;
+            }
+            let value = self.expand(cx, s);
+            let raw = value.strip_prefix("whsec_").unwrap_or(&value);
+            use base64::Engine;
+            match base64::engine::general_purpose::STANDARD.decode(raw.trim()) {
+                Ok(k) if !k.is_empty() => keys.push(k),
+                _ => self.err(
+                    cx,
+                    s,
+                    "sign: the secret is not a Standard Webhooks secret (whsec_ and base64)",
+                    Some("generate one with: echo whsec_$(openssl rand -base64 32)".into()),
+                ),
+            }
+        }
+        (!keys.is_empty()).then_some(SigningKeys(keys))
     }
 }

@@ -276,6 +276,16 @@ pub struct RawHttp {
     pub auth: Option<RawAuth>,
     pub timeout: Option<Spanned<String>>,
     pub success: Option<RawSuccess>,
+    /// Sign the request the Standard Webhooks way.
+    pub sign: Option<RawSign>,
+}
+
+/// `sign: { secret: … }` or, while a key rotates, `sign: { secrets: [new, old] }`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSign {
+    pub secret: Option<Spanned<String>>,
+    pub secrets: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]

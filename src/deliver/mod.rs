@@ -151,7 +151,7 @@ impl Deliverer {
                 })
             })
         };
-        let rendered = match rendered {
+        let mut rendered = match rendered {
             Ok(r) => r,
             Err(e) => {
                 let next = schedule::next(
@@ -175,6 +175,12 @@ impl Deliverer {
                 return finish(Some(a), next, None);
             }
         };
+        if let Some(keys) = &pb.http.sign {
+            // One message id per delivery, the same on every retry, so a receiver can
+            // drop a repeat; a fresh timestamp on each, as receivers bound its age.
+            let id = format!("msg_{}_{}", d.event.id, d.id);
+            rendered.sign(keys, &id, crate::now_ms() / 1000);
+        }
         let timeout = pb.http.timeout.unwrap_or(plan.settings.delivery.timeout);
         let t0 = Instant::now();
         let result = self.send(&rendered.request, timeout).await;
@@ -329,8 +335,16 @@ pub async fn send_once(
     let timeout = pb
         .and_then(|p| p.http.timeout)
         .unwrap_or(plan.settings.delivery.timeout);
+    let mut req = req.clone();
+    if let Some(keys) = pb.and_then(|p| p.http.sign.as_ref()) {
+        let id = format!("msg_test_{}", uuid::Uuid::new_v4().simple());
+        let headers = render::sign::standard_webhooks(&req, keys, &id, crate::now_ms() / 1000);
+        req.headers
+            .retain(|(k, _)| !render::sign::HEADERS.contains(&k.to_ascii_lowercase().as_str()));
+        req.headers.extend(headers);
+    }
     let t0 = Instant::now();
-    let result = send(client, egress, req, timeout).await;
+    let result = send(client, egress, &req, timeout).await;
     let duration_ms = t0.elapsed().as_millis() as u64;
     let success = pb.map(|p| p.http.success.clone()).unwrap_or_default();
     let out = outcome::judge(result, &success);

@@ -3,6 +3,7 @@
 //! Rendering happens when a delivery is attempted, not when the event arrives, so a retry of
 //! a postback whose rule was fixed goes out with the fixed rule.
 
+pub mod sign;
 mod simple;
 pub mod template;
 
@@ -243,6 +244,19 @@ impl Rendered {
     /// The request for logs, the delivery log and the tools.
     pub fn shown(&self) -> &Request {
         self.shown.as_ref().unwrap_or(&self.request)
+    }
+
+    /// Signs the request the Standard Webhooks way, as message `id` sent at `timestamp`
+    /// (unix seconds): `webhook-id`, `webhook-timestamp` and `webhook-signature`, one
+    /// `v1,<base64 HMAC-SHA256 of id.timestamp.body>` per key. The shown request carries
+    /// the same headers (a signature reveals nothing of its key).
+    pub fn sign(&mut self, keys: &crate::plan::SigningKeys, id: &str, timestamp: i64) {
+        let headers = sign::standard_webhooks(&self.request, keys, id, timestamp);
+        for r in std::iter::once(&mut self.request).chain(self.shown.as_mut()) {
+            r.headers
+                .retain(|(k, _)| !sign::HEADERS.contains(&k.to_ascii_lowercase().as_str()));
+            r.headers.extend(headers.iter().cloned());
+        }
     }
 }
 

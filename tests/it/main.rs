@@ -12,5 +12,6 @@ mod metrics;
 mod reload;
 mod rules;
 mod secrets;
+mod signing;
 mod sources;
 mod support;
