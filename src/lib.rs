@@ -135,6 +135,7 @@ pub async fn run_plan(
     });
     let hup = tokio::spawn(reload::on_sighup(reloader.clone(), stop_rx.clone()));
     let deliverer = deliver::Deliverer::new(store.clone(), plan.clone());
+    let paused = deliverer.paused.clone();
     let delivering = tokio::spawn(deliverer.run(stop_rx.clone(), Duration::from_secs(10)));
     let pruning = tokio::spawn(deliver::prune_loop(store.clone(), plan.clone(), stop_rx));
     let app = server::router(server::AppState {
@@ -144,6 +145,7 @@ pub async fn run_plan(
         metrics: metrics_handle,
         started: started_ms as f64 / 1000.0,
         limiters: Arc::default(),
+        paused,
     });
     let limits = plan.clone();
     let limits = move || {

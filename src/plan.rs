@@ -80,6 +80,10 @@ pub struct DeliverySettings {
     pub user_agent: String,
     /// Per-destination overrides, keyed by host (or `host:port`) as written in the URLs.
     pub destinations: HashMap<String, DestinationSettings>,
+    /// A destination whose attempts fail this many times in a row is paused (0: never).
+    pub pause_after: u32,
+    /// How often a paused destination gets one probe attempt.
+    pub probe_every: Duration,
     /// Networks deliveries may reach although they are internal (loopback, private…).
     pub allow_networks: Vec<ipnet::IpNet>,
     /// Host names deliveries may reach whatever they resolve to (`.suffix` for a domain).
@@ -122,6 +126,8 @@ impl Default for DeliverySettings {
             destinations: HashMap::new(),
             allow_networks: Vec::new(),
             allow_hosts: Vec::new(),
+            pause_after: 10,
+            probe_every: Duration::from_secs(30),
         }
     }
 }

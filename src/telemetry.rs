@@ -50,6 +50,8 @@ pub const EVENT_RESULTS: [&str; 8] = [
     "unavailable",
 ];
 pub const REFUSED: &str = "postbackd_webhooks_refused_total";
+pub const PAUSED: &str = "postbackd_destination_paused";
+pub const PAUSES: &str = "postbackd_destination_pauses_total";
 pub const KINDS: [&str; 3] = ["click", "impression", "conversion"];
 /// Final outcomes of a delivery.
 pub const FINAL: [&str; 3] = ["delivered", "dead", "cancelled"];
@@ -131,6 +133,11 @@ fn describe() {
         "From the webhook's arrival to the postback's delivery (holds included), by postback."
     );
     describe_counter!(RELOADS, "Config reloads, by result (success, failure).");
+    describe_gauge!(
+        PAUSED,
+        "1 while a destination is paused after failing delivery.pause_after attempts in a row."
+    );
+    describe_counter!(PAUSES, "Times a destination was paused.");
     describe_counter!(
         REFUSED,
         "Webhooks refused, by source and reason (bad_secret, bad_signature, ip_not_allowed, rate_limited, too_large, ...)."
@@ -161,6 +168,10 @@ pub fn register_plan(plan: &Plan) {
     }
     for r in ["success", "failure"] {
         metrics::counter!(RELOADS, "result" => r).increment(0);
+    }
+    for d in plan.destinations() {
+        metrics::gauge!(PAUSED, "destination" => d.clone()).increment(0.0);
+        metrics::counter!(PAUSES, "destination" => d).increment(0);
     }
     for s in &sources {
         for r in crate::ingest::guard::REASONS {
@@ -277,6 +288,15 @@ fn render_postbacks(out: &mut String) {
 pub fn events(source: &str, kind: &str, result: &'static str, n: u64) {
     metrics::counter!(EVENTS, "source" => source.to_string(), "kind" => kind.to_string(), "result" => result)
         .increment(n);
+}
+
+/// A destination was paused (`true`) or resumed.
+pub fn destination_paused(destination: &str, paused: bool) {
+    let d = destination.to_string();
+    metrics::gauge!(PAUSED, "destination" => d.clone()).set(if paused { 1.0 } else { 0.0 });
+    if paused {
+        metrics::counter!(PAUSES, "destination" => d).increment(1);
+    }
 }
 
 /// A webhook was refused, for `reason` (one of [`crate::ingest::guard::REASONS`]).

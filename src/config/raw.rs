@@ -132,6 +132,10 @@ pub struct RawDeliverySettings {
     pub user_agent: Option<String>,
     #[serde(default)]
     pub destinations: BTreeMap<String, RawDestination>,
+    /// Consecutive failed attempts that pause a destination (0: never).
+    pub pause_after: Option<Spanned<u32>>,
+    /// How often a paused destination is probed.
+    pub probe_every: Option<Spanned<String>>,
     /// CIDRs, addresses or host names deliveries may reach although internal.
     #[serde(default)]
     pub allow_networks: Vec<Spanned<String>>,

@@ -64,6 +64,18 @@ impl Compiler {
             if let Some(ua) = &d.user_agent {
                 delivery.user_agent = ua.clone();
             }
+            if let Some(n) = &d.pause_after {
+                delivery.pause_after = n.value;
+            }
+            if let Some(p) = &d.probe_every {
+                match self.duration(&cx, p) {
+                    Some(v) if v.is_zero() => {
+                        self.err(&cx, p, "delivery.probe_every must be longer than 0", None)
+                    }
+                    Some(v) => delivery.probe_every = v,
+                    None => {}
+                }
+            }
             for n in &d.allow_networks {
                 match crate::deliver::egress::parse_allowed(&n.value) {
                     Ok(a) => crate::deliver::egress::allow(&mut delivery, a),

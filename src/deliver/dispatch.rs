@@ -7,7 +7,7 @@
 //! in the store and never crowds the others out. Deliveries claimed but not started when the
 //! daemon stops are pending again at the next start, like any delivery in flight.
 
-use super::gate::Gate;
+use super::gate::{Change, Gate, Verdict};
 use super::Deliverer;
 use crate::store::{ClaimSpec, Claimed, Lane};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -24,8 +24,9 @@ const DUE_RECHECK: Duration = Duration::from_millis(50);
 
 /// What a running attempt tells the loop.
 enum Done {
-    /// The destination answered (or the attempt ended before sending): its slot is free.
-    Released(Lane, String),
+    /// The destination answered (or the attempt ended before sending): its slot is free,
+    /// and how it went counts for its breaker.
+    Released(Lane, String, Verdict),
     /// The outcome is in the store: the delivery may be claimed again (if it is to be retried).
     Recorded(i64),
     /// A new delivery, handed over by the store right after its commit. It comes through
@@ -67,7 +68,48 @@ impl Waiting {
     }
 }
 
+/// How an attempt's decision counts for its destination's breaker.
+fn verdict_of(decision: &super::Decision) -> Verdict {
+    let Some(a) = &decision.attempt else {
+        return Verdict::Neutral;
+    };
+    match a.outcome.as_str() {
+        "delivered" => Verdict::Success,
+        "timeout" | "connect" | "tls" | "5xx" | "error" => Verdict::Failure,
+        "4xx" if matches!(a.response_status, Some(408 | 429)) => Verdict::Failure,
+        _ => Verdict::Neutral,
+    }
+}
+
 impl Deliverer {
+    /// Logs a destination's pause or resume once, and publishes the paused set (for
+    /// `/-/ready` and `/metrics`).
+    fn publish(
+        &self,
+        gate: &Gate,
+        dest: &str,
+        change: &Change,
+        settings: &crate::plan::DeliverySettings,
+    ) {
+        match change {
+            Change::Paused { failures, .. } => tracing::warn!(
+                destination = %dest,
+                failures,
+                probe_every = %crate::duration_text(settings.probe_every),
+                "destination paused: its deliveries wait, and one probe goes out at a time"
+            ),
+            Change::Resumed { paused_for } => tracing::info!(
+                destination = %dest,
+                paused_for = %crate::duration_text(Duration::from_secs(paused_for.as_secs())),
+                "destination resumed: its deliveries drain"
+            ),
+        }
+        let mut all = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        *all = gate.paused();
+        all.sort();
+        crate::telemetry::destination_paused(dest, matches!(change, Change::Paused { .. }));
+    }
+
     /// A config was installed (at start or by a reload): orphaned deliveries of the
     /// postbacks it has are due again, in the background.
     fn revive_orphans(&self, plan: &crate::plan::Plan) {
@@ -221,6 +263,9 @@ impl Deliverer {
             if let Some(t) = gate.next_token(settings) {
                 wait = wait.min(t.max(Duration::from_millis(1)));
             }
+            if let Some(t) = gate.next_probe(Instant::now()) {
+                wait = wait.min(t.max(Duration::from_millis(1)));
+            }
             // Not kept across the sleep: a reload's old plan is freed when its users let go.
             drop(plan);
             tokio::select! {
@@ -263,9 +308,17 @@ impl Deliverer {
         left_behind: bool,
     ) {
         match done {
-            Done::Released(lane, dest) => {
+            Done::Released(lane, dest, verdict) => {
                 gate.release(lane, &dest);
                 *need_claim |= left_behind;
+                let plan = self.plan.load();
+                if let Some(change) =
+                    gate.verdict(&plan.settings.delivery, &dest, verdict, Instant::now())
+                {
+                    self.publish(gate, &dest, &change, &plan.settings.delivery);
+                    // A resumed destination's backlog is in the store: claim it.
+                    *need_claim = true;
+                }
             }
             Done::Recorded(id) => {
                 held.remove(&id);
@@ -329,12 +382,22 @@ impl Deliverer {
                 let me = self.clone();
                 let done = done.clone();
                 let dest = dest.clone();
+                let probe = gate.is_paused(&dest);
+                let probe_every = settings.probe_every;
                 tasks.spawn(async move {
-                    let decision = me.attempt(&d).await;
+                    let mut decision = me.attempt(&d).await;
+                    let verdict = verdict_of(&decision);
+                    // A probe that fails leaves the destination paused: the delivery waits
+                    // for the next probe or the resume, however old it is.
+                    if probe && verdict == Verdict::Failure {
+                        decision.next = crate::store::Next::Retry {
+                            due_at: crate::now_ms() + probe_every.as_millis() as i64,
+                        };
+                    }
                     super::observe(&d, &decision);
                     // The destination's slot is free once it has answered; recording the
                     // outcome is the store's business and need not hold the slot.
-                    let _ = done.send(Done::Released(lane, dest));
+                    let _ = done.send(Done::Released(lane, dest, verdict));
                     me.record(d.id, decision).await;
                     let _ = done.send(Done::Recorded(d.id));
                 });

@@ -9,6 +9,11 @@
 //!   (`per_destination`, or its own `concurrency`) and optionally a rate (token bucket, one
 //!   second of burst). A dead or slow destination fills only its own slots.
 //!
+//! - **Paused destinations.** A destination whose attempts fail `pause_after` times in a
+//!   row (timeouts, connection errors, 408, 429, 5xx) is paused: nothing more is started or
+//!   claimed for it, its deliveries stay pending in the store, and every `probe_every` one
+//!   delivery goes out as a probe. The probe's success resumes the destination.
+//!
 //! The gate is pure bookkeeping: the dispatcher asks it how much to claim ahead and whether
 //! a claimed delivery may start, and tells it when attempts start and end.
 
@@ -31,6 +36,35 @@ pub fn retry_reserve(capacity: usize) -> usize {
 struct Dest {
     inflight: [usize; 2],
     bucket: Option<Bucket>,
+    /// Failed attempts in a row.
+    failures: u32,
+    paused: Option<Pause>,
+}
+
+/// A paused destination: since when, and when its next probe may start.
+#[derive(Debug, Clone)]
+struct Pause {
+    since: Instant,
+    since_ms: i64,
+    next_probe: Instant,
+    probing: bool,
+}
+
+/// How an attempt went, for the destination's breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Success,
+    /// A failure that says the destination is unwell (timeout, connection, 408, 429, 5xx).
+    Failure,
+    /// Says nothing of its health (a final 4xx, a render error, nothing sent).
+    Neutral,
+}
+
+/// A change of a destination's state, to log and publish.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Paused { failures: u32, since_ms: i64 },
+    Resumed { paused_for: Duration },
 }
 
 struct Bucket {
@@ -73,8 +107,85 @@ fn claim_target(capacity: usize) -> usize {
 }
 
 impl Gate {
-    /// Whether an attempt of `lane` to `destination` may start now, slots-wise.
+    /// Whether `destination` is paused and its probe may not start yet (or is out).
+    fn held_back(&self, destination: &str, now: Instant) -> bool {
+        self.dests
+            .get(destination)
+            .and_then(|d| d.paused.as_ref())
+            .is_some_and(|p| p.probing || now < p.next_probe)
+    }
+
+    /// Whether `destination` is paused (a probe may be due).
+    pub fn is_paused(&self, destination: &str) -> bool {
+        self.dests
+            .get(destination)
+            .is_some_and(|d| d.paused.is_some())
+    }
+
+    /// When the next probe of a paused destination may start, if one is waiting.
+    pub fn next_probe(&self, now: Instant) -> Option<Duration> {
+        self.dests
+            .values()
+            .filter_map(|d| d.paused.as_ref())
+            .filter(|p| !p.probing)
+            .map(|p| p.next_probe.saturating_duration_since(now))
+            .min()
+    }
+
+    /// Books how an attempt to `destination` went; says if that paused or resumed it.
+    pub fn verdict(
+        &mut self,
+        settings: &DeliverySettings,
+        destination: &str,
+        v: Verdict,
+        now: Instant,
+    ) -> Option<Change> {
+        let d = self.dests.entry(destination.to_string()).or_default();
+        match v {
+            Verdict::Neutral => {
+                if let Some(p) = &mut d.paused {
+                    // The probe said nothing: another one later.
+                    p.probing = false;
+                }
+                None
+            }
+            Verdict::Success => {
+                d.failures = 0;
+                d.paused.take().map(|p| Change::Resumed {
+                    paused_for: now.saturating_duration_since(p.since),
+                })
+            }
+            Verdict::Failure => {
+                d.failures = d.failures.saturating_add(1);
+                if let Some(p) = &mut d.paused {
+                    p.probing = false;
+                    p.next_probe = now + settings.probe_every;
+                    return None;
+                }
+                if settings.pause_after > 0 && d.failures >= settings.pause_after {
+                    let since_ms = crate::now_ms();
+                    d.paused = Some(Pause {
+                        since: now,
+                        since_ms,
+                        next_probe: now + settings.probe_every,
+                        probing: false,
+                    });
+                    return Some(Change::Paused {
+                        failures: d.failures,
+                        since_ms,
+                    });
+                }
+                None
+            }
+        }
+    }
+
+    /// Whether an attempt of `lane` to `destination` may start now, slots-wise (a paused
+    /// destination lets one probe through when it is due).
     pub fn room(&self, settings: &DeliverySettings, destination: &str, lane: Lane) -> bool {
+        if self.held_back(destination, Instant::now()) {
+            return false;
+        }
         let dest = self
             .dests
             .get(destination)
@@ -122,12 +233,19 @@ impl Gate {
         let held = |inflight: [usize; 2], waiting: usize| inflight[ix(lane)] + waiting;
         let global =
             claim_target(settings.concurrency).saturating_sub(held(self.inflight, buffered(None)));
+        let now = Instant::now();
         let caps = destinations
             .iter()
             .map(|d| {
                 let inflight = self.dests.get(d).map(|s| s.inflight).unwrap_or_default();
-                let cap = claim_target(settings.concurrency_for(d))
-                    .saturating_sub(held(inflight, buffered(Some(d))));
+                let target = if self.held_back(d, now) {
+                    0
+                } else if self.is_paused(d) {
+                    1 // the probe
+                } else {
+                    claim_target(settings.concurrency_for(d))
+                };
+                let cap = target.saturating_sub(held(inflight, buffered(Some(d))));
                 (d.clone(), cap)
             })
             .collect();
@@ -142,6 +260,21 @@ impl Gate {
         if let Some(b) = &mut d.bucket {
             b.tokens -= 1.0;
         }
+        if let Some(p) = &mut d.paused {
+            p.probing = true;
+        }
+    }
+
+    /// The paused destinations: (destination, since when in unix ms, failures in a row).
+    pub fn paused(&self) -> Vec<(String, i64, u32)> {
+        self.dests
+            .iter()
+            .filter_map(|(k, d)| {
+                d.paused
+                    .as_ref()
+                    .map(|p| (k.clone(), p.since_ms, d.failures))
+            })
+            .collect()
     }
 
     /// An attempt of `lane` to `destination` ended.
@@ -265,6 +398,48 @@ mod tests {
         g.take(Lane::Fresh, "slow");
         assert!(!g.has_token(&s, "slow", later));
         assert!(g.has_token(&s, "other", later));
+    }
+
+    #[test]
+    fn failing_destinations_pause_and_a_probe_resumes_them() {
+        let mut s = settings(8, 4);
+        s.pause_after = 3;
+        s.probe_every = Duration::from_secs(30);
+        let mut g = Gate::default();
+        let t0 = Instant::now();
+        for _ in 0..2 {
+            assert_eq!(g.verdict(&s, "d", Verdict::Failure, t0), None);
+        }
+        // A success in between starts the count again.
+        assert_eq!(g.verdict(&s, "d", Verdict::Success, t0), None);
+        for _ in 0..2 {
+            assert_eq!(g.verdict(&s, "d", Verdict::Failure, t0), None);
+        }
+        assert!(matches!(
+            g.verdict(&s, "d", Verdict::Failure, t0),
+            Some(Change::Paused { failures: 3, .. })
+        ));
+        assert!(g.is_paused("d"));
+        assert!(g.held_back("d", t0));
+        assert_eq!(
+            g.claim_quota(&s, &["d".into()], Lane::Fresh, |_| 0).1["d"],
+            0
+        );
+        // Probe time: one may go, then none while it is out.
+        let later = t0 + Duration::from_secs(31);
+        assert!(!g.held_back("d", later));
+        g.take(Lane::Fresh, "d");
+        assert!(g.held_back("d", later));
+        assert_eq!(g.verdict(&s, "d", Verdict::Failure, later), None);
+        assert!(g.held_back("d", later + Duration::from_secs(29)));
+        let probe = later + Duration::from_secs(31);
+        g.take(Lane::Fresh, "d");
+        assert!(matches!(
+            g.verdict(&s, "d", Verdict::Success, probe),
+            Some(Change::Resumed { .. })
+        ));
+        assert!(!g.is_paused("d"));
+        assert!(!g.is_paused("other"));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 mod dispatch;
 pub mod egress;
-mod gate;
+pub mod gate;
 pub mod outcome;
 mod prune;
 pub mod schedule;
@@ -37,7 +37,12 @@ pub struct Deliverer {
     pub plan: Arc<ArcSwap<Plan>>,
     pub client: reqwest::Client,
     pub egress: egress::Egress,
+    /// The destinations paused now: (destination, since when in unix ms, failures in a row).
+    pub paused: Paused,
 }
+
+/// The paused destinations, shared with the health and metrics pages.
+pub type Paused = Arc<std::sync::Mutex<Vec<(String, i64, u32)>>>;
 
 /// Builds the outgoing HTTP client (rustls, no redirects followed: a postback's answer is
 /// the answer of the URL it was sent to).
@@ -64,6 +69,7 @@ impl Deliverer {
             plan,
             client: client(&ua, egress.clone()),
             egress,
+            paused: Paused::default(),
         }
     }
 

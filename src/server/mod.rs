@@ -27,6 +27,8 @@ pub struct AppState {
     pub started: f64,
     /// Each source's rate limit, kept across reloads.
     pub limiters: Arc<crate::ingest::guard::Limiters>,
+    /// The destinations the dispatcher has paused.
+    pub paused: crate::deliver::Paused,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -55,11 +57,20 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Ready when a config is loaded (always, once serving) and the store can write.
+/// Paused destinations are said in the detail; they do not make the daemon unready.
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    let mut detail = String::new();
+    for (dest, since, failures) in state.paused.lock().map(|p| p.clone()).unwrap_or_default() {
+        detail.push_str(&format!(
+            "destination {dest} paused since {} after {failures} failed attempts in a row; probing every {}\n",
+            crate::utc_text(since),
+            crate::duration_text(state.plan.load().settings.delivery.probe_every)
+        ));
+    }
     match state.store.health() {
         Ok(()) => (
             StatusCode::OK,
-            format!("ready (config {})\n", state.plan.load().hash),
+            format!("ready (config {})\n{detail}", state.plan.load().hash),
         ),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,

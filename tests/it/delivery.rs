@@ -455,3 +455,116 @@ async fn a_runaway_template_fails_as_a_render_error_and_stalls_nothing() {
         assert_eq!(r.param("n").as_deref(), Some("6"), "{r:?}");
     }
 }
+
+/// A destination that keeps failing is paused: its deliveries stay pending (never dead,
+/// however short their schedule), one probe goes out at a time, `/-/ready` and `/metrics`
+/// say so, and once a probe succeeds the backlog drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_destination_is_paused_probed_and_resumed() {
+    let sink = Sink::start().await;
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let u = up.clone();
+    sink.respond(move |_| {
+        if u.load(std::sync::atomic::Ordering::SeqCst) {
+            (200, "ok".into())
+        } else {
+            (503, "down".into())
+        }
+    });
+    let cfg = tempfile::tempdir().unwrap();
+    write_config(
+        cfg.path(),
+        "api:\n  admin_tokens: [\"${env:POSTBACKD_ADMIN_TOKEN}\"]\ndelivery:\n  pause_after: 3\n  probe_every: 1s\n  per_destination: 1\n",
+        &format!(
+            "postbacks:\n  - id: pb\n    trigger: conversion\n    retry: [50ms, 50ms]\n    http: {{ url: \"http://{}/pb?cid={{clickid}}\" }}\n",
+            sink.addr
+        ),
+    );
+    let data = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(cfg.path(), data.path(), &[("POSTBACKD_ADMIN_TOKEN", TOKEN)]);
+    let body = post_events(&d, conversions(10, "p")).await;
+    let ids: Vec<i64> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["deliveries"][0].as_i64().unwrap())
+        .collect();
+    assert!(d.wait_log("destination paused", WAIT).await, "{}", d.logs());
+    let dest = sink.addr.to_string();
+    let ready = client().get(d.url("/-/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "paused is not unready");
+    let text = ready.text().await.unwrap();
+    assert!(
+        text.contains(&format!("destination {dest} paused since")),
+        "{text}"
+    );
+    let metrics = client()
+        .get(d.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "postbackd_destination_paused{{destination=\"{dest}\"}} 1\n"
+        )),
+        "{metrics}"
+    );
+
+    // Paused: about one probe a second, and nothing dies.
+    let before = sink.received().len();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let probes = sink.received().len() - before;
+    assert!(
+        (1..=4).contains(&probes),
+        "{probes} requests in 2.5 s while paused"
+    );
+    for id in &ids {
+        let (_, v) = send_json(api(
+            &d,
+            reqwest::Method::GET,
+            &format!("/api/v1/deliveries/{id}"),
+        ))
+        .await;
+        assert_eq!(
+            v["state"], "pending",
+            "a paused destination's delivery died: {v}"
+        );
+    }
+
+    // It comes back: the next probe succeeds and the backlog drains.
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        d.wait_log("destination resumed", WAIT).await,
+        "{}",
+        d.logs()
+    );
+    for id in &ids {
+        wait_state(&d, *id, "delivered").await;
+    }
+    let metrics = client()
+        .get(d.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "postbackd_destination_paused{{destination=\"{dest}\"}} 0\n"
+        )),
+        "{metrics}"
+    );
+    let text = client()
+        .get(d.url("/-/ready"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains("paused"), "{text}");
+}
