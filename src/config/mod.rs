@@ -8,6 +8,8 @@
 
 pub mod git;
 mod postbacks;
+#[cfg(test)]
+mod props;
 pub mod raw;
 mod secret;
 mod settings;

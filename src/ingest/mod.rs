@@ -4,6 +4,8 @@
 
 pub mod event;
 pub mod guard;
+#[cfg(test)]
+mod props;
 
 use crate::plan::{Plan, Source};
 use crate::server::AppState;

@@ -3,6 +3,8 @@
 //! Rendering happens when a delivery is attempted, not when the event arrives, so a retry of
 //! a postback whose rule was fixed goes out with the fixed rule.
 
+#[cfg(test)]
+mod props;
 pub mod sign;
 mod simple;
 pub mod template;

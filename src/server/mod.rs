@@ -52,6 +52,15 @@ pub fn router(state: AppState) -> Router {
                 ),
             )
         })
+        .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                Json(json!({
+                    "error": format!("{method} is not allowed on {}: webhooks are GET or POST /postback, POST /v1/events", uri.path()),
+                    "reason": "method_not_allowed",
+                })),
+            )
+        })
         .layer(DefaultBodyLimit::max(1 << 20))
         .with_state(state)
 }

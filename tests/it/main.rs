@@ -7,6 +7,7 @@ mod disk;
 mod durability;
 mod e2e;
 mod egress;
+mod fuzz;
 mod log;
 mod metrics;
 mod reload;
