@@ -10,6 +10,11 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
+# openssl makes the certificates of the TLS tests.
+if ! command -v openssl >/dev/null; then
+  sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq openssl >/dev/null
+fi
 # The Standard Webhooks reference library, which checks the signatures postbackd sends.
 if ! python3 -c "import standardwebhooks" 2>/dev/null; then
   echo "installing standardwebhooks (pip install standardwebhooks)" >&2

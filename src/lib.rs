@@ -26,6 +26,7 @@ pub mod simulate;
 pub mod store;
 pub mod telemetry;
 pub mod testing;
+pub mod tls;
 
 use arc_swap::ArcSwap;
 use std::future::Future;
@@ -107,6 +108,18 @@ pub async fn run_plan(
     let metrics_handle = telemetry::install();
     telemetry::register_plan(&plan);
     let store = store::Store::open(&plan.settings.data_dir)?;
+    // TLS is decided at start (like `listen`); a renewed certificate at the same paths is
+    // picked up without a restart.
+    let tls = match &plan.settings.server.tls {
+        Some((cert, key)) => {
+            let files = tls::CertFiles::open(cert, key).map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+            let config = files
+                .server_config()
+                .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+            Some(tokio_rustls::TlsAcceptor::from(config))
+        }
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(plan.settings.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", plan.settings.listen))?;
@@ -120,6 +133,7 @@ pub async fn run_plan(
         postbacks = plan.postbacks.len(),
         store = %store.path.display(),
         max_connections = server::conns::connection_cap(&plan.settings.server, plan.settings.delivery.concurrency),
+        tls = tls.is_some(),
         "listening"
     );
     let plan = Arc::new(ArcSwap::from_pointee(plan));
@@ -152,7 +166,7 @@ pub async fn run_plan(
         let p = limits.load();
         (p.settings.server.clone(), p.settings.delivery.concurrency)
     };
-    server::conns::serve(listener, app, limits, shutdown).await;
+    server::conns::serve(listener, app, tls, limits, shutdown).await;
     tracing::info!("shutting down: finishing in-flight deliveries");
     let _ = stop_tx.send(true);
     let _ = delivering.await;

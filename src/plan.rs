@@ -46,6 +46,8 @@ pub struct ServerSettings {
     pub max_connections: Option<usize>,
     /// Proxies whose `X-Forwarded-For` / `Forwarded` headers say who the client is.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The listener speaks TLS with this certificate chain and key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for ServerSettings {
@@ -56,6 +58,7 @@ impl Default for ServerSettings {
             request_timeout: Duration::from_secs(30),
             max_connections: None,
             trusted_proxies: Vec::new(),
+            tls: None,
         }
     }
 }

@@ -68,8 +68,8 @@ pub struct Reloaded {
 pub struct Reloader {
     opts: Options,
     pub plan: Arc<ArcSwap<Plan>>,
-    /// `listen` and `data_dir` as the process started with them.
-    pinned: (std::net::SocketAddr, PathBuf),
+    /// `listen`, `data_dir` and `server.tls` as the process started with them.
+    pinned: (std::net::SocketAddr, PathBuf, Option<(PathBuf, PathBuf)>),
     running: tokio::sync::Mutex<()>,
     status: Mutex<ReloadStatus>,
     /// `git blame` of the running config's files, read on first use: (config hash, changes).
@@ -82,7 +82,11 @@ pub type LineChanges = std::collections::HashMap<(PathBuf, u64), git::LineChange
 impl Reloader {
     pub fn new(opts: Options, plan: Arc<ArcSwap<Plan>>) -> Reloader {
         let p = plan.load();
-        let pinned = (p.settings.listen, p.settings.data_dir.clone());
+        let pinned = (
+            p.settings.listen,
+            p.settings.data_dir.clone(),
+            p.settings.server.tls.clone(),
+        );
         drop(p);
         Reloader {
             opts,
@@ -194,6 +198,10 @@ impl Reloader {
         if plan.settings.data_dir != self.pinned.1 {
             needs_restart.push("data_dir".to_string());
             plan.settings.data_dir = self.pinned.1.clone();
+        }
+        if plan.settings.server.tls != self.pinned.2 {
+            needs_restart.push("server.tls".to_string());
+            plan.settings.server.tls = self.pinned.2.clone();
         }
         metrics::counter!(crate::telemetry::RELOADS, "result" => "success").increment(1);
         status.ok = true;

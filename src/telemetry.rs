@@ -30,12 +30,13 @@ pub const CONNECTIONS_LIMIT: &str = "postbackd_http_connections_limit";
 pub const CONNECTIONS_CLOSED: &str = "postbackd_http_connections_closed_total";
 
 /// Why the listener closed or refused a connection.
-pub const CONNECTION_CLOSE_REASONS: [&str; 5] = [
+pub const CONNECTION_CLOSE_REASONS: [&str; 6] = [
     "header_timeout",
     "idle_timeout",
     "request_timeout",
     "evicted",
     "refused",
+    "tls_handshake",
 ];
 
 /// Results of an incoming event.

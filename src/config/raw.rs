@@ -98,6 +98,15 @@ pub struct RawServer {
     /// CIDRs or addresses of reverse proxies allowed to say who the client is.
     #[serde(default)]
     pub trusted_proxies: Vec<Spanned<String>>,
+    pub tls: Option<RawTls>,
+}
+
+/// PEM files of the listener's certificate chain and key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

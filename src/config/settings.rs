@@ -217,7 +217,7 @@ impl Compiler {
                 log_level = lv.value.clone();
             }
         }
-        let server = self.server_settings(&cx, raw.server.as_ref());
+        let server = self.server_settings(&cx, raw.server.as_ref(), dir);
         Settings {
             server,
             listen,
@@ -231,7 +231,7 @@ impl Compiler {
         }
     }
 
-    fn server_settings(&mut self, cx: &Ctx, raw: Option<&RawServer>) -> ServerSettings {
+    fn server_settings(&mut self, cx: &Ctx, raw: Option<&RawServer>, dir: &Path) -> ServerSettings {
         let mut out = ServerSettings::default();
         let Some(raw) = raw else {
             return out;
@@ -249,6 +249,27 @@ impl Compiler {
                 } else {
                     *into = d;
                 }
+            }
+        }
+        if let Some(t) = &raw.tls {
+            let path = |p: &Spanned<String>| {
+                let p = PathBuf::from(&p.value);
+                if p.is_absolute() {
+                    p
+                } else {
+                    dir.join(p)
+                }
+            };
+            let (cert, key) = (path(&t.cert), path(&t.key));
+            let provider = tokio_rustls::rustls::crypto::ring::default_provider();
+            match crate::tls::load(&cert, &key, &provider) {
+                Ok(_) => out.tls = Some((cert, key)),
+                Err(e) => self.err(
+                    cx,
+                    &t.cert,
+                    format!("server.tls: {e}"),
+                    Some("cert is the PEM chain (leaf first), key its PEM private key".into()),
+                ),
             }
         }
         out.trusted_proxies = raw

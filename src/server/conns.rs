@@ -155,12 +155,12 @@ impl Table {
 }
 
 /// A connection's socket, noting when bytes arrive.
-struct Tracked {
-    stream: TcpStream,
+struct Tracked<S> {
+    stream: S,
     conn: Arc<Conn>,
 }
 
-impl AsyncRead for Tracked {
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -180,7 +180,7 @@ impl AsyncRead for Tracked {
     }
 }
 
-impl AsyncWrite for Tracked {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -285,6 +285,7 @@ const REFUSED: &str =
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     settings: impl Fn() -> (ServerSettings, usize) + Send + Sync + 'static,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
@@ -344,10 +345,10 @@ pub async fn serve(
             continue;
         }
         let (id, conn) = table.add(crate::now_ms());
-        let io = TokioIo::new(Tracked {
+        let tracked = Tracked {
             stream,
             conn: conn.clone(),
-        });
+        };
         let app = app.clone();
         let svc_conn = conn.clone();
         let service =
@@ -365,21 +366,28 @@ pub async fn serve(
                 }
             });
         let table = table.clone();
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let served = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .keep_alive(true)
-                .serve_connection(io, service);
-            let mut served = std::pin::pin!(served);
-            let mut draining = false;
-            loop {
-                tokio::select! {
-                    _ = served.as_mut() => break,
-                    _ = conn.close.notified() => break,
-                    _ = stop.changed(), if !draining => {
-                        draining = true;
-                        served.as_mut().graceful_shutdown();
+            match tls {
+                None => serve_one(TokioIo::new(tracked), service, &conn, stop).await,
+                Some(acceptor) => {
+                    // The handshake's bytes count as the first request's header: a client
+                    // that stalls in it is cut off at header_timeout, like any other.
+                    let handshake = tokio::select! {
+                        h = acceptor.accept(tracked) => Some(h),
+                        _ = conn.close.notified() => None,
+                    };
+                    match handshake {
+                        Some(Ok(stream)) => {
+                            serve_one(TokioIo::new(stream), service, &conn, stop).await
+                        }
+                        Some(Err(e)) => {
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            metrics::counter!(CONNECTIONS_CLOSED, "reason" => "tls_handshake")
+                                .increment(1);
+                        }
+                        None => {}
                     }
                 }
             }
@@ -392,6 +400,35 @@ pub async fn serve(
     let deadline = tokio::time::Instant::now() + DRAIN;
     while table.len() > 0 && tokio::time::Instant::now() < deadline {
         let _ = tokio::time::timeout(Duration::from_millis(100), table.freed.notified()).await;
+    }
+}
+
+/// Serves HTTP/1.1 on one connection until it ends, is closed by the sweeper or an
+/// eviction, or the listener stops (then gracefully: idle at once, busy when answered).
+async fn serve_one<I, S>(io: I, service: S, conn: &Conn, mut stop: watch::Receiver<bool>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming> + Send + 'static,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .serve_connection(io, service);
+    let mut served = std::pin::pin!(served);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            _ = served.as_mut() => break,
+            _ = conn.close.notified() => break,
+            _ = stop.changed(), if !draining => {
+                draining = true;
+                served.as_mut().graceful_shutdown();
+            }
+        }
     }
 }
 

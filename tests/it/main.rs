@@ -16,3 +16,4 @@ mod secrets;
 mod signing;
 mod sources;
 mod support;
+mod tls;
