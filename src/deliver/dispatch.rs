@@ -260,7 +260,7 @@ impl Deliverer {
                     wait = wait.min(Duration::from_millis((due - now).max(1) as u64));
                 }
             }
-            if let Some(t) = gate.next_token(settings) {
+            if let Some(t) = gate.next_token(Instant::now()) {
                 wait = wait.min(t.max(Duration::from_millis(1)));
             }
             if let Some(t) = gate.next_probe(Instant::now()) {
@@ -370,7 +370,7 @@ impl Deliverer {
                 } else {
                     break;
                 };
-                if !gate.has_token(settings, dest, now) {
+                if !gate.take_token(settings, dest, now) {
                     break;
                 }
                 let Some(d) = queues[pick].pop_front() else {

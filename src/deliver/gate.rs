@@ -6,8 +6,8 @@
 //!   after an outage never keeps new conversions waiting, and a flood of new conversions
 //!   never starves retries.
 //! - **Destinations.** Each destination host has its own cap on attempts in flight
-//!   (`per_destination`, or its own `concurrency`) and optionally a rate (token bucket, one
-//!   second of burst). A dead or slow destination fills only its own slots.
+//!   (`per_destination`, or its own `concurrency`) and optionally a rate (governor's GCRA,
+//!   one second of burst). A dead or slow destination fills only its own slots.
 //!
 //! - **Paused destinations.** A destination whose attempts fail `pause_after` times in a
 //!   row (timeouts, connection errors, 408, 429, 5xx) is paused: nothing more is started or
@@ -67,9 +67,59 @@ pub enum Change {
     Resumed { paused_for: Duration },
 }
 
+/// A destination's rate: governor's GCRA limiter (a bucket holding one second's worth, at
+/// least one), on a clock the gate moves to the time it is given, so the dispatcher and the
+/// tests decide what "now" is.
 struct Bucket {
-    tokens: f64,
+    rate: f64,
+    clock: governor::clock::FakeRelativeClock,
     at: Instant,
+    limiter: governor::RateLimiter<
+        governor::state::NotKeyed,
+        governor::state::InMemoryState,
+        governor::clock::FakeRelativeClock,
+        governor::middleware::NoOpMiddleware<governor::nanos::Nanos>,
+    >,
+    /// When the next token comes, after a check found none.
+    next_at: Option<Instant>,
+}
+
+impl Bucket {
+    fn new(rate: f64, now: Instant) -> Bucket {
+        let clock = governor::clock::FakeRelativeClock::default();
+        let period = Duration::from_secs_f64(1.0 / rate.max(1e-6));
+        let burst = std::num::NonZeroU32::new(rate.ceil().clamp(1.0, u32::MAX as f64) as u32)
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let quota = governor::Quota::with_period(period)
+            .unwrap_or_else(|| governor::Quota::per_second(std::num::NonZeroU32::MIN))
+            .allow_burst(burst);
+        Bucket {
+            rate,
+            limiter: governor::RateLimiter::direct_with_clock(quota, clock.clone()),
+            clock,
+            at: now,
+            next_at: None,
+        }
+    }
+
+    /// Takes a token at `now`, if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        use governor::clock::Clock;
+        if now > self.at {
+            self.clock.advance(now - self.at);
+            self.at = now;
+        }
+        match self.limiter.check() {
+            Ok(()) => {
+                self.next_at = None;
+                true
+            }
+            Err(not_until) => {
+                self.next_at = Some(self.at + not_until.wait_time_from(self.clock.now()));
+                false
+            }
+        }
+    }
 }
 
 /// In-flight counts and rate buckets.
@@ -195,8 +245,9 @@ impl Gate {
             && lane_room(settings.concurrency_for(destination), dest, lane) > 0
     }
 
-    /// Whether a rate-limited destination has a token now (always true without a rate).
-    pub fn has_token(
+    /// Takes a token of a rate-limited destination for an attempt starting at `now`
+    /// (always true without a rate); false if it has none yet.
+    pub fn take_token(
         &mut self,
         settings: &DeliverySettings,
         destination: &str,
@@ -205,19 +256,11 @@ impl Gate {
         let Some(rate) = settings.destinations.get(destination).and_then(|s| s.rate) else {
             return true;
         };
-        let burst = rate.max(1.0);
-        let b = self
-            .dests
-            .entry(destination.to_string())
-            .or_default()
-            .bucket
-            .get_or_insert(Bucket {
-                tokens: burst,
-                at: now,
-            });
-        b.tokens = (b.tokens + rate * (now - b.at).as_secs_f64()).min(burst);
-        b.at = now;
-        b.tokens >= 1.0
+        let d = self.dests.entry(destination.to_string()).or_default();
+        if d.bucket.as_ref().is_none_or(|b| b.rate != rate) {
+            d.bucket = Some(Bucket::new(rate, now));
+        }
+        d.bucket.as_mut().is_some_and(|b| b.take(now))
     }
 
     /// How many deliveries of `lane` a claim may take: a global limit, and a cap for each of
@@ -257,9 +300,6 @@ impl Gate {
         self.inflight[ix(lane)] += 1;
         let d = self.dests.entry(destination.to_string()).or_default();
         d.inflight[ix(lane)] += 1;
-        if let Some(b) = &mut d.bucket {
-            b.tokens -= 1.0;
-        }
         if let Some(p) = &mut d.paused {
             p.probing = true;
         }
@@ -291,14 +331,11 @@ impl Gate {
     }
 
     /// How long until a rate-limited destination without tokens gets one.
-    pub fn next_token(&self, settings: &DeliverySettings) -> Option<Duration> {
+    pub fn next_token(&self, now: Instant) -> Option<Duration> {
         self.dests
-            .iter()
-            .filter_map(|(d, s)| {
-                let rate = settings.destinations.get(d)?.rate?;
-                let b = s.bucket.as_ref()?;
-                (b.tokens < 1.0).then(|| Duration::from_secs_f64((1.0 - b.tokens) / rate))
-            })
+            .values()
+            .filter_map(|s| s.bucket.as_ref()?.next_at)
+            .map(|t| t.saturating_duration_since(now))
             .min()
     }
 }
@@ -383,21 +420,18 @@ mod tests {
         );
         let mut g = Gate::default();
         let t0 = Instant::now();
-        assert!(g.has_token(&s, "slow", t0));
-        g.take(Lane::Fresh, "slow");
-        assert!(g.has_token(&s, "slow", t0));
-        g.take(Lane::Fresh, "slow");
-        assert!(!g.has_token(&s, "slow", t0));
-        let wait = g.next_token(&s).unwrap();
+        assert!(g.take_token(&s, "slow", t0));
+        assert!(g.take_token(&s, "slow", t0));
+        assert!(!g.take_token(&s, "slow", t0));
+        let wait = g.next_token(t0).unwrap();
         assert!(wait <= Duration::from_millis(500), "{wait:?}");
-        assert!(g.has_token(&s, "slow", t0 + Duration::from_millis(500)));
+        assert!(g.take_token(&s, "slow", t0 + Duration::from_millis(500)));
         // The bucket never holds more than one second of tokens.
         let later = t0 + Duration::from_secs(60);
-        assert!(g.has_token(&s, "slow", later));
-        g.take(Lane::Fresh, "slow");
-        g.take(Lane::Fresh, "slow");
-        assert!(!g.has_token(&s, "slow", later));
-        assert!(g.has_token(&s, "other", later));
+        assert!(g.take_token(&s, "slow", later));
+        assert!(g.take_token(&s, "slow", later));
+        assert!(!g.take_token(&s, "slow", later));
+        assert!(g.take_token(&s, "other", later));
     }
 
     #[test]
