@@ -26,22 +26,6 @@ async fn closed_after(s: &mut TcpStream, within: Duration) -> Option<Duration> {
     }
 }
 
-async fn metrics_text(d: &Daemon) -> String {
-    reqwest::Client::new()
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// A header sent in part is cut off after `server.header_timeout`; an idle keep-alive
 /// connection after `server.idle_timeout`; a body sent slowly after
 /// `server.request_timeout`. Each is counted by reason.
@@ -103,28 +87,14 @@ async fn slow_and_idle_connections_are_closed_on_time() {
     assert!(k > Duration::from_secs(1), "idle closed too early: {k:?}");
     assert!(s < Duration::from_secs(3), "slow body cut off after {s:?}");
 
-    let text = metrics_text(&d).await;
+    let text = scrape(&d).await;
     for reason in ["header_timeout", "idle_timeout", "request_timeout"] {
         let series = format!("postbackd_http_connections_closed_total{{reason=\"{reason}\"}}");
-        assert!(metric(&text, &series) >= Some(1.0), "{series}\n{text}");
+        assert!(
+            metric_value(&text, &series) >= Some(1.0),
+            "{series}\n{text}"
+        );
     }
-}
-
-fn set_open_file_limit(pid: u32, n: u64) {
-    let limit = libc::rlimit {
-        rlim_cur: n,
-        rlim_max: n,
-    };
-    // SAFETY: prlimit reads `limit` and writes nothing (old limits pointer is null).
-    let rc = unsafe {
-        libc::prlimit(
-            pid as libc::pid_t,
-            libc::RLIMIT_NOFILE,
-            &limit,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
 }
 
 /// With 128 file descriptors and 300 connections that send nothing, webhooks are still
@@ -140,7 +110,7 @@ async fn silent_connections_cannot_use_up_the_descriptors() {
         &rules(sink.addr),
     );
     let d = Daemon::start(cfg.path());
-    set_open_file_limit(d.child.id(), 128);
+    set_limit(d.child.id(), libc::RLIMIT_NOFILE, 128, 128);
 
     let mut silent = Vec::new();
     for _ in 0..300 {
@@ -167,22 +137,26 @@ async fn silent_connections_cannot_use_up_the_descriptors() {
         .await;
     assert_eq!(got.len(), 20, "{}", d.logs());
 
-    let text = metrics_text(&d).await;
-    assert_eq!(metric(&text, "process_max_fds"), Some(128.0), "{text}");
-    let open = metric(&text, "process_open_fds").expect("process_open_fds");
+    let text = scrape(&d).await;
+    assert_eq!(
+        metric_value(&text, "process_max_fds"),
+        Some(128.0),
+        "{text}"
+    );
+    let open = metric_value(&text, "process_open_fds").expect("process_open_fds");
     assert!(open < 128.0, "{open} descriptors open");
     assert!(
-        metric(&text, "process_resident_memory_bytes") > Some(0.0),
+        metric_value(&text, "process_resident_memory_bytes") > Some(0.0),
         "{text}"
     );
     assert!(
-        metric(&text, "process_cpu_seconds_total").is_some(),
+        metric_value(&text, "process_cpu_seconds_total").is_some(),
         "{text}"
     );
-    let limit = metric(&text, "postbackd_http_connections_limit").unwrap();
+    let limit = metric_value(&text, "postbackd_http_connections_limit").unwrap();
     assert!(limit < 128.0, "limit {limit}");
     assert!(
-        metric(
+        metric_value(
             &text,
             "postbackd_http_connections_closed_total{reason=\"evicted\"}"
         ) >= Some(200.0),

@@ -498,14 +498,7 @@ async fn a_failing_destination_is_paused_probed_and_resumed() {
         text.contains(&format!("destination {dest} paused since")),
         "{text}"
     );
-    let metrics = client()
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&d).await;
     assert!(
         metrics.contains(&format!(
             "postbackd_destination_paused{{destination=\"{dest}\"}} 1\n"
@@ -544,14 +537,7 @@ async fn a_failing_destination_is_paused_probed_and_resumed() {
     for id in &ids {
         wait_state(&d, *id, "delivered").await;
     }
-    let metrics = client()
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&d).await;
     assert!(
         metrics.contains(&format!(
             "postbackd_destination_paused{{destination=\"{dest}\"}} 0\n"

@@ -10,20 +10,12 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 
 fn set_file_size_limit(pid: u32, bytes: Option<u64>) {
-    let limit = libc::rlimit {
-        rlim_cur: bytes.unwrap_or(libc::RLIM_INFINITY),
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: prlimit reads `limit` and writes nothing (old limits pointer is null).
-    let rc = unsafe {
-        libc::prlimit(
-            pid as libc::pid_t,
-            libc::RLIMIT_FSIZE,
-            &limit,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    set_limit(
+        pid,
+        libc::RLIMIT_FSIZE,
+        bytes.unwrap_or(libc::RLIM_INFINITY),
+        libc::RLIM_INFINITY,
+    );
 }
 
 #[tokio::test]

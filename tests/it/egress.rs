@@ -87,14 +87,7 @@ async fn internal_addresses_are_blocked_however_they_are_written() {
         }
     }
     assert!(sink.received().is_empty(), "{:?}", sink.received());
-    let text = client()
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(&d).await;
     assert!(
         text.contains("postbackd_attempts_total{postback=\"metadata\",result=\"blocked\"} 1\n"),
         "{text}"

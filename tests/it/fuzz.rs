@@ -5,7 +5,6 @@
 use crate::support::*;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use std::io::{Read, Write};
 
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
@@ -71,11 +70,8 @@ fn webhook() -> impl Strategy<Value = Webhook> {
         })
 }
 
-/// Sends one request by hand (so any bytes can be sent); returns the status and body.
+/// Sends one generated webhook by hand (so any bytes can be sent).
 fn send(addr: std::net::SocketAddr, w: &Webhook) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
     let q: String = w
         .query
         .bytes()
@@ -96,22 +92,7 @@ fn send(addr: std::net::SocketAddr, w: &Webhook) -> (u16, String) {
         head.push_str(&format!("content-type: {}\r\n", w.content_type));
     }
     head.push_str("\r\n");
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(&w.body).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    (status, body)
+    raw_http(addr, &head, &w.body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,24 +21,6 @@ fn tool(name: &str) -> Command {
     Command::new(name)
 }
 
-async fn scrape(d: &Daemon) -> String {
-    client()
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-/// The value of one series in an exposition, by its name and labels as written.
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 fn promtool_check(text: &str) -> (bool, String) {
     let mut child = tool("promtool")
         .args(["check", "metrics"])
@@ -113,15 +95,15 @@ async fn the_exposition_passes_promtool_and_counts_what_happened() {
         r#"postbackd_postbacks_matched_total{postback="ok"}"#,
     ] {
         assert_eq!(
-            value(&fresh, series),
+            metric_value(&fresh, series),
             Some(0.0),
             "{series} missing or not zero\n{fresh}"
         );
     }
-    assert_eq!(value(&fresh, "postbackd_queue_pending"), Some(0.0));
-    assert_eq!(value(&fresh, "postbackd_store_writable"), Some(1.0));
+    assert_eq!(metric_value(&fresh, "postbackd_queue_pending"), Some(0.0));
+    assert_eq!(metric_value(&fresh, "postbackd_store_writable"), Some(1.0));
     assert_eq!(
-        value(&fresh, "postbackd_config_last_reload_successful"),
+        metric_value(&fresh, "postbackd_config_last_reload_successful"),
         Some(1.0)
     );
     assert!(fresh.contains(&format!(
@@ -155,16 +137,16 @@ async fn the_exposition_passes_promtool_and_counts_what_happened() {
     let start = Instant::now();
     let text = loop {
         let t = scrape(&d).await;
-        if value(
+        if metric_value(
             &t,
             r#"postbackd_deliveries_total{postback="refused",outcome="dead"}"#,
         ) == Some(2.0)
-            && value(
+            && metric_value(
                 &t,
                 r#"postbackd_deliveries_total{postback="ok",outcome="delivered"}"#,
             ) == Some(2.0)
             // Counted when decided, recorded just after: wait for the store too.
-            && value(&t, "postbackd_queue_pending") == Some(0.0)
+            && metric_value(&t, "postbackd_queue_pending") == Some(0.0)
         {
             break t;
         }
@@ -209,9 +191,9 @@ async fn the_exposition_passes_promtool_and_counts_what_happened() {
         ),
     ];
     for (series, want) in expected {
-        assert_eq!(value(&text, series), Some(want), "{series}\n{text}");
+        assert_eq!(metric_value(&text, series), Some(want), "{series}\n{text}");
     }
-    assert_eq!(value(&text, "postbackd_queue_pending"), Some(0.0));
+    assert_eq!(metric_value(&text, "postbackd_queue_pending"), Some(0.0));
 }
 
 #[tokio::test]

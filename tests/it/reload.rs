@@ -512,14 +512,7 @@ async fn an_emptied_rule_file_holds_deliveries_until_the_postback_returns() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let metrics = client()
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&d).await;
     assert!(
         metrics.contains("\npostbackd_deliveries_orphaned 3\n"),
         "{metrics}"

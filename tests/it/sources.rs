@@ -159,14 +159,7 @@ async fn signatures_are_checked_over_the_raw_body_and_time() {
     )
     .await;
 
-    let text = client()
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(&d).await;
     for (series, n) in [
         (
             "postbackd_webhooks_refused_total{source=\"signed\",reason=\"bad_signature\"}",
@@ -265,28 +258,14 @@ async fn addresses_rates_and_sizes_are_limited_per_source() {
 
 /// POSTs a 2 MiB body by hand; returns the answer's status and body.
 async fn oversized(d: &Daemon, path: &str, extra: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(d.addr).await.unwrap();
     let len = 2 << 20;
     let head = format!(
         "POST {path} HTTP/1.1\r\nHost: x\r\n{extra}content-length: {len}\r\nconnection: close\r\n\r\n"
     );
-    s.write_all(head.as_bytes()).await.unwrap();
-    let _ = s.write_all(&vec![b'a'; len]).await;
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    (status, body)
+    let addr = d.addr;
+    tokio::task::spawn_blocking(move || raw_http(addr, &head, &vec![b'a'; len]))
+        .await
+        .unwrap()
 }
 
 /// Without `trusted_proxies`, a forwarded-for header is anyone's claim and is ignored.
