@@ -217,9 +217,17 @@ row "  RSS with them queued, MiB" "$(rss_mib "$daemon_pid")" ""
 "$tool" sink --listen "$DOWN" &
 down_sink=$!
 wait_http "http://$DOWN/__stats"
-curl -s "http://$DOWN/__stats" >/dev/null
+# The destination was paused while down: first the time until a probe finds it back, then
+# the drain rate from there.
+t0=$(date +%s.%N)
+for _ in $(seq 1 600); do
+  [[ $(curl -s "http://$DOWN/__stats" | json '["count"]') -gt 0 ]] && break
+  sleep 0.1
+done
+row "  first postback after it is back, s (paused: probe backoff)" "$(python3 -c "import time; print(f'{time.time() - $t0:.1f}')")" ""
+start=$(curl -s "http://$DOWN/__stats" | json '["count"]')
 sleep "$secs"
-drained=$(curl -s "http://$DOWN/__stats" | json '["count"]')
+drained=$(( $(curl -s "http://$DOWN/__stats" | json '["count"]') - start ))
 row "  drain rate once it is back, postbacks/s (per_destination 8)" "$(( drained / secs ))" ""
 stop_daemon
 kill "$down_sink" 2>/dev/null || true

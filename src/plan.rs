@@ -130,7 +130,7 @@ impl Default for DeliverySettings {
             allow_networks: Vec::new(),
             allow_hosts: Vec::new(),
             pause_after: 10,
-            probe_every: Duration::from_secs(30),
+            probe_every: Duration::from_secs(10),
         }
     }
 }

@@ -11,8 +11,9 @@
 //!
 //! - **Paused destinations.** A destination whose attempts fail `pause_after` times in a
 //!   row (timeouts, connection errors, 408, 429, 5xx) is paused: nothing more is started or
-//!   claimed for it, its deliveries stay pending in the store, and every `probe_every` one
-//!   delivery goes out as a probe. The probe's success resumes the destination.
+//!   claimed for it, its deliveries stay pending in the store, and one delivery goes out
+//!   as a probe after 1 s, then 2, 4, 8 s… up to `probe_every` between probes. The probe's
+//!   success resumes the destination.
 //!
 //! The gate is pure bookkeeping: the dispatcher asks it how much to claim ahead and whether
 //! a claimed delivery may start, and tells it when attempts start and end.
@@ -47,8 +48,15 @@ struct Pause {
     since: Instant,
     since_ms: i64,
     next_probe: Instant,
+    /// The wait before the next probe: 1 s at first, doubled after each failed probe, up
+    /// to `probe_every`, so a blip is over in a second and a long outage costs little.
+    interval: Duration,
     probing: bool,
 }
+
+/// The first probe of a paused destination comes this soon (then 2, 4, 8 s… up to
+/// `probe_every`).
+const FIRST_PROBE: Duration = Duration::from_secs(1);
 
 /// How an attempt went, for the destination's breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,15 +217,18 @@ impl Gate {
                 d.failures = d.failures.saturating_add(1);
                 if let Some(p) = &mut d.paused {
                     p.probing = false;
-                    p.next_probe = now + settings.probe_every;
+                    p.interval = (p.interval * 2).min(settings.probe_every);
+                    p.next_probe = now + p.interval;
                     return None;
                 }
                 if settings.pause_after > 0 && d.failures >= settings.pause_after {
                     let since_ms = crate::now_ms();
+                    let interval = FIRST_PROBE.min(settings.probe_every);
                     d.paused = Some(Pause {
                         since: now,
                         since_ms,
-                        next_probe: now + settings.probe_every,
+                        next_probe: now + interval,
+                        interval,
                         probing: false,
                     });
                     return Some(Change::Paused {
@@ -459,14 +470,17 @@ mod tests {
             g.claim_quota(&s, &["d".into()], Lane::Fresh, |_| 0).1["d"],
             0
         );
-        // Probe time: one may go, then none while it is out.
-        let later = t0 + Duration::from_secs(31);
+        // Probe time (after 1 s): one may go, then none while it is out.
+        let later = t0 + Duration::from_millis(1001);
+        assert!(g.held_back("d", t0 + Duration::from_millis(900)));
         assert!(!g.held_back("d", later));
         g.take(Lane::Fresh, "d");
         assert!(g.held_back("d", later));
+        // It fails: the next probe waits twice as long.
         assert_eq!(g.verdict(&s, "d", Verdict::Failure, later), None);
-        assert!(g.held_back("d", later + Duration::from_secs(29)));
-        let probe = later + Duration::from_secs(31);
+        assert!(g.held_back("d", later + Duration::from_millis(1900)));
+        let probe = later + Duration::from_millis(2001);
+        assert!(!g.held_back("d", probe));
         g.take(Lane::Fresh, "d");
         assert!(matches!(
             g.verdict(&s, "d", Verdict::Success, probe),

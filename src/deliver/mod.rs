@@ -135,18 +135,21 @@ impl Deliverer {
         let pb = &plan.postbacks[entry.postback];
         let attempt_no = d.attempts + 1;
         let started = crate::now_ms();
-        // Rendering is CPU work of unknown size (a template may loop): it runs on the
-        // blocking pool, never on the threads that serve HTTP, and its fuel bounds it.
-        let rendered = {
+        // A template minijinja runs is CPU work of unknown size (it may loop): it runs on
+        // the blocking pool, never on the threads that serve HTTP, and its fuel bounds it.
+        // Text and plain macros render in microseconds, here.
+        let rendered = if render::is_cheap(&plan, entry) {
+            render::render(&plan, entry, &d.event)
+        } else {
             let (plan, event) = (plan.clone(), d.event.clone());
             let key = (d.postback_id.clone(), d.offer.clone());
             tokio::task::spawn_blocking(move || {
-                let entry =
-                    plan.entry(&key.0, &key.1)
-                        .ok_or_else(|| render::RenderError::Template {
-                            part: "render".into(),
-                            message: "the postback left the config".into(),
-                        })?;
+                let entry = plan.entry(&key.0, &key.1).ok_or_else(|| {
+                    render::RenderError::Template {
+                        part: "render".into(),
+                        message: "the postback left the config".into(),
+                    }
+                })?;
                 render::render(&plan, entry, &event)
             })
             .await

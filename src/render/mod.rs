@@ -288,6 +288,32 @@ fn render_part(
 }
 
 /// Renders one entry's postback for an event: what is sent, and what is shown.
+/// Whether every template of the entry's postback is bounded (the simple path, or minijinja
+/// without a loop or a macro): then rendering costs microseconds, in proportion to the
+/// template and the event, and needs no thread of its own.
+pub fn is_cheap(plan: &Plan, entry: &Entry) -> bool {
+    fn json(engine: &template::Engine, t: &crate::plan::JsonTemplate) -> bool {
+        use crate::plan::JsonTemplate as J;
+        match t {
+            J::Static(_) => true,
+            J::Text(id) | J::Whole(id) => engine.is_bounded(id),
+            J::Array(items) => items.iter().all(|i| json(engine, i)),
+            J::Object(fields) => fields.iter().all(|(_, v)| json(engine, v)),
+        }
+    }
+    let e = &plan.engine;
+    let http = &plan.postbacks[entry.postback].http;
+    e.is_bounded(&http.url)
+        && http.params.iter().all(|(_, t)| e.is_bounded(t))
+        && http.headers.iter().all(|(_, t)| e.is_bounded(t))
+        && match &http.body {
+            Body::None => true,
+            Body::Form(fields) => fields.iter().all(|(_, t)| e.is_bounded(t)),
+            Body::Json(j) => json(e, j),
+            Body::Raw { template, .. } => e.is_bounded(template),
+        }
+}
+
 pub fn render(plan: &Plan, entry: &Entry, event: &Event) -> Result<Rendered, RenderError> {
     let has_secret = plan.postbacks[entry.postback].has_secret;
     let request = match build(plan, entry, event, true) {

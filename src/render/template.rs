@@ -50,8 +50,27 @@ enum Compiled {
         escape: Escape,
         source: Box<str>,
     },
-    /// Compiled by minijinja, under this name in the environment.
-    Jinja(String),
+    /// Compiled by minijinja, under this name in the environment; `repeats` if it has a
+    /// tag that can run its body more than once (a loop, a macro).
+    Jinja { name: String, repeats: bool },
+}
+
+/// Whether a template has a block tag that can repeat work: `for`, `macro`, `call`, or
+/// one that pulls in another template. Without one, every statement runs at most once, so
+/// a render costs what the template's length and the printed values cost.
+fn repeats(source: &str) -> bool {
+    source.split("{%").skip(1).any(|block| {
+        let word = block
+            .trim_start_matches(['-', '+'])
+            .trim_start()
+            .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+            .next()
+            .unwrap_or_default();
+        matches!(
+            word,
+            "for" | "macro" | "call" | "include" | "import" | "from" | "extends" | "block"
+        )
+    })
 }
 
 /// All templates of one plan.
@@ -177,7 +196,8 @@ impl Engine {
             .map_err(describe)?;
         let tmpl = self.env.get_template(&name).map_err(describe)?;
         let vars: Vec<String> = tmpl.undeclared_variables(true).into_iter().collect();
-        self.templates.push(Compiled::Jinja(name));
+        let repeats = repeats(source);
+        self.templates.push(Compiled::Jinja { name, repeats });
         Ok((id, amounts_by_name(vars)))
     }
 
@@ -252,7 +272,7 @@ impl Engine {
                     .and_then(|t| t.render(ctx))
                     .map_err(describe),
             },
-            Some(Compiled::Jinja(name)) => self
+            Some(Compiled::Jinja { name, .. }) => self
                 .env
                 .get_template(name)
                 .and_then(|t| t.render(ctx))
@@ -261,10 +281,21 @@ impl Engine {
         }
     }
 
-    /// Whether a template takes the simple path.
+    /// Whether a template takes the simple path (text and plain macros: linear in the
+    /// values it prints, never minijinja).
     #[cfg(test)]
     fn is_simple(&self, id: &TemplateId) -> bool {
         matches!(self.templates[id.0 as usize], Compiled::Simple { .. })
+    }
+
+    /// Whether rendering costs no more than the template's length and the values it prints:
+    /// the simple path, or minijinja without a loop or a macro.
+    pub fn is_bounded(&self, id: &TemplateId) -> bool {
+        match self.templates.get(id.0 as usize) {
+            Some(Compiled::Simple { .. }) => true,
+            Some(Compiled::Jinja { repeats, .. }) => !repeats,
+            None => true,
+        }
     }
 
     /// Evaluates a condition compiled with [`Engine::add_condition`].
@@ -773,6 +804,15 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn loops_and_macros_are_told_apart() {
+        assert!(!repeats("{{ params.t | default('') }}{% if x %}a{% endif %}"));
+        assert!(repeats("{% for c in clickid %}x{% endfor %}"));
+        assert!(repeats("{%- for c in clickid -%}x{% endfor %}"));
+        assert!(repeats("{% macro m() %}{% endmacro %}"));
+        assert!(!repeats("{% set formula = 1 %}{{ formula }}"));
     }
 
     #[test]
