@@ -144,12 +144,12 @@ impl Deliverer {
             let (plan, event) = (plan.clone(), d.event.clone());
             let key = (d.postback_id.clone(), d.offer.clone());
             tokio::task::spawn_blocking(move || {
-                let entry = plan.entry(&key.0, &key.1).ok_or_else(|| {
-                    render::RenderError::Template {
-                        part: "render".into(),
-                        message: "the postback left the config".into(),
-                    }
-                })?;
+                let entry =
+                    plan.entry(&key.0, &key.1)
+                        .ok_or_else(|| render::RenderError::Template {
+                            part: "render".into(),
+                            message: "the postback left the config".into(),
+                        })?;
                 render::render(&plan, entry, &event)
             })
             .await

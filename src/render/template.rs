@@ -808,7 +808,9 @@ mod tests {
 
     #[test]
     fn loops_and_macros_are_told_apart() {
-        assert!(!repeats("{{ params.t | default('') }}{% if x %}a{% endif %}"));
+        assert!(!repeats(
+            "{{ params.t | default('') }}{% if x %}a{% endif %}"
+        ));
         assert!(repeats("{% for c in clickid %}x{% endfor %}"));
         assert!(repeats("{%- for c in clickid -%}x{% endfor %}"));
         assert!(repeats("{% macro m() %}{% endmacro %}"));
