@@ -400,10 +400,11 @@ pub async fn events(
         r
     };
     // The secret (in a header, the query or each event) is checked per event below, as
-    // each may carry it; the rest once for the request.
+    // each may carry it; the address, size and signature once for the request, first.
     let peer = peer.map(|p| p.0 .0);
     let raw = admit_peer(&plan, &source, peer, &headers, &body).map_err(refuse)?;
-    admit_sender(&state, &source, &headers, raw).map_err(refuse)?;
+    guard::check_signature(&source, &headers, raw, crate::now_ms())
+        .map_err(|r| refuse(r.into()))?;
     let v: Value = serde_json::from_slice(raw)
         .map_err(|e| refuse(bad(format!("body is not valid JSON: {e}"))))?;
     let (items, batch) = match v {
@@ -442,6 +443,11 @@ pub async fn events(
             Err(e) => errors.push(json!({"index": i, "error": e.to_string()})),
         }
     }
+    // The rate is spent once the sender proved who it is (each event's secret).
+    state
+        .limiters
+        .check(&source)
+        .map_err(|r| refuse(r.into()))?;
     if !errors.is_empty() {
         crate::telemetry::events(
             &source.id,

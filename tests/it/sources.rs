@@ -288,3 +288,27 @@ async fn a_forwarded_header_from_an_untrusted_peer_is_ignored() {
     .await;
     assert_eq!(code, 200, "{v}");
 }
+
+/// Only a sender that proved who it is spends its source's rate: refused batches take no
+/// token, so the real sender is not locked out by someone guessing.
+#[tokio::test]
+async fn refused_webhooks_do_not_spend_the_rate() {
+    let (_s, _c, d) = start("").await;
+    for _ in 0..5 {
+        refused(
+            client()
+                .post(d.url("/v1/events?source=strict&token=wrong"))
+                .json(&serde_json::json!([{"clickid": "g1"}])),
+            401,
+            "bad_secret",
+        )
+        .await;
+    }
+    let (code, v) = send_json(
+        client()
+            .post(d.url("/v1/events?source=strict&token=strict-token-value"))
+            .json(&serde_json::json!([{"clickid": "g2"}])),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+}
