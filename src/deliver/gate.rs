@@ -198,7 +198,11 @@ impl Gate {
         v: Verdict,
         now: Instant,
     ) -> Option<Change> {
-        let d = self.dests.entry(destination.to_string()).or_default();
+        // `take` made the entry when the attempt started; no key is allocated again.
+        if !self.dests.contains_key(destination) {
+            self.dests.insert(destination.to_string(), Dest::default());
+        }
+        let d = self.dests.get_mut(destination)?;
         match v {
             Verdict::Neutral => {
                 if let Some(p) = &mut d.paused {

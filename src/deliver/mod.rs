@@ -259,10 +259,12 @@ pub async fn send(
     timeout: Duration,
 ) -> Result<(u16, Option<Duration>, String), outcome::SendError> {
     use outcome::SendError;
-    if let Ok(url) = reqwest::Url::parse(&req.url) {
-        egress.check_url(&url).map_err(SendError::Blocked)?;
+    // Parsed once: checked here, then handed to the client as it is.
+    let url = reqwest::Url::parse(&req.url);
+    if let Ok(u) = &url {
+        egress.check_url(u).map_err(SendError::Blocked)?;
     }
-    send_http(client, req, timeout)
+    send_http(client, req, url, timeout)
         .await
         .map_err(SendError::Http)
 }
@@ -270,11 +272,17 @@ pub async fn send(
 async fn send_http(
     client: &reqwest::Client,
     req: &Request,
+    url: Result<reqwest::Url, url::ParseError>,
     timeout: Duration,
 ) -> Result<(u16, Option<Duration>, String), reqwest::Error> {
     let method =
         reqwest::Method::from_bytes(req.method.as_str().as_bytes()).unwrap_or(reqwest::Method::GET);
-    let mut rb = client.request(method, &req.url).timeout(timeout);
+    // A url that does not parse is left to the client, whose error says why.
+    let rb = match url {
+        Ok(u) => client.request(method, u),
+        Err(_) => client.request(method, &req.url),
+    };
+    let mut rb = rb.timeout(timeout);
     for (k, v) in &req.headers {
         rb = rb.header(k, v);
     }

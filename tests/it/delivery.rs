@@ -22,6 +22,16 @@ async fn post_events(d: &Daemon, events: Value) -> Value {
     body
 }
 
+/// The first delivery of each event of a `/v1/events` answer.
+fn first_deliveries(body: &Value) -> Vec<i64> {
+    body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["deliveries"][0].as_i64().unwrap())
+        .collect()
+}
+
 fn api(d: &Daemon, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
     client().request(method, d.url(path)).bearer_auth(TOKEN)
 }
@@ -202,12 +212,7 @@ async fn dead_deliveries_are_kept_and_retried_by_hand() {
     let data = tempfile::tempdir().unwrap();
     let d = Daemon::start_with(cfg.path(), data.path(), &[("POSTBACKD_ADMIN_TOKEN", TOKEN)]);
     let body = post_events(&d, conversions(3, "h")).await;
-    let ids: Vec<i64> = body["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["deliveries"][0].as_i64().unwrap())
-        .collect();
+    let ids = first_deliveries(&body);
     // Two attempts each (the first and one retry), then dead.
     assert_eq!(sink.wait_for(Some("/pb"), 6, WAIT).await.len(), 6);
     let dead = wait_state(&d, ids[0], "dead").await;
@@ -483,12 +488,7 @@ async fn a_failing_destination_is_paused_probed_and_resumed() {
     let data = tempfile::tempdir().unwrap();
     let d = Daemon::start_with(cfg.path(), data.path(), &[("POSTBACKD_ADMIN_TOKEN", TOKEN)]);
     let body = post_events(&d, conversions(10, "p")).await;
-    let ids: Vec<i64> = body["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["deliveries"][0].as_i64().unwrap())
-        .collect();
+    let ids = first_deliveries(&body);
     assert!(d.wait_log("destination paused", WAIT).await, "{}", d.logs());
     let dest = sink.addr.to_string();
     let ready = client().get(d.url("/-/ready")).send().await.unwrap();
