@@ -241,8 +241,8 @@ async fn config(
                 "statuses": p.statuses.as_ref().map(|s| s.iter().map(|s| s.as_str()).collect::<Vec<_>>()),
                 "offers": offers,
                 "enabled": enabled,
-                "method": p.http.method.as_str(),
-                "destination": p.http.destination,
+                "kind": p.action.kind(),
+                "destination": p.action.destination(),
                 "last_change": changes.get(&(p.origin.file.clone(), p.origin.line)),
             })
         })
@@ -308,11 +308,14 @@ async fn test(
     let client = req
         .send
         .then(|| crate::deliver::client(&plan.settings.delivery.user_agent, egress.clone()));
+    let mailer = crate::actions::email::Mailer::default();
     let mut out = Vec::new();
     for f in &fired {
         let mut v = json!(crate::simulate::FiredJson::new(f));
         if let (Some(c), Ok(r)) = (&client, &f.request) {
-            let tried = crate::deliver::send_once(c, &egress, &plan, &f.postback, &r.request).await;
+            let tried =
+                crate::deliver::send_once(c, &egress, &mailer, &plan, &f.postback, &r.message)
+                    .await;
             tracing::info!(postback = %f.postback, outcome = %tried.outcome, "test postback sent by hand");
             v["answer"] = json!(tried);
         }

@@ -12,6 +12,7 @@
 //! [`reload`] loads the config at start-up and on every reload; [`server`] wires the HTTP routes, [`api`] the admin API and [`cli`] the commands; [`run`]
 //! starts the daemon.
 
+pub mod actions;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -4,6 +4,7 @@
 //! duration already parsed. Matching is indexed by (trigger, offer), so its cost depends on
 //! the postbacks that could apply to an event, not on how many rules are loaded.
 
+use crate::actions::{Action, RenderError, Rendered, Scope};
 use crate::ingest::event::{Event, FieldMap, Kind, Status};
 use crate::render::template::{Engine, TemplateId};
 use std::collections::{BTreeMap, HashMap};
@@ -200,7 +201,8 @@ pub struct Postback {
     pub origin: Origin,
     pub trigger: Kind,
     pub statuses: Option<Vec<Status>>,
-    pub http: HttpAction,
+    /// What it does: an HTTP request, an e-mail, a Slack message… (see [`crate::actions`]).
+    pub action: Box<dyn Action>,
     pub retry: Vec<Duration>,
     /// A hash of the postback as written (secrets unexpanded, positions ignored): equal
     /// fingerprints mean an unchanged rule, for `postbackd diff`.
@@ -208,97 +210,6 @@ pub struct Postback {
     /// Whether a secret is placed anywhere in its request (then what is shown is rendered
     /// apart from what is sent).
     pub has_secret: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    Get,
-    Post,
-    Put,
-    Patch,
-    Delete,
-}
-
-impl Method {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Method::Get => "GET",
-            Method::Post => "POST",
-            Method::Put => "PUT",
-            Method::Patch => "PATCH",
-            Method::Delete => "DELETE",
-        }
-    }
-}
-
-#[derive(Debug)]
-pub struct HttpAction {
-    pub method: Method,
-    /// The host (or `host:port`) the URL is sent to, as written in the rule: the key for
-    /// per-destination limits.
-    pub destination: String,
-    pub url: TemplateId,
-    pub params: Vec<(String, TemplateId)>,
-    pub headers: Vec<(String, TemplateId)>,
-    pub body: Body,
-    pub auth: Option<Auth>,
-    pub timeout: Option<Duration>,
-    pub success: Success,
-    /// Standard Webhooks signing keys (decoded from `whsec_…`), newest first.
-    pub sign: Option<SigningKeys>,
-}
-
-/// Keys that sign a postback the Standard Webhooks way. Never printed.
-#[derive(Clone, PartialEq)]
-pub struct SigningKeys(pub Vec<Vec<u8>>);
-
-impl std::fmt::Debug for SigningKeys {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SigningKeys({} keys)", self.0.len())
-    }
-}
-
-#[derive(Debug)]
-pub enum Body {
-    None,
-    Form(Vec<(String, TemplateId)>),
-    Json(JsonTemplate),
-    Raw {
-        template: TemplateId,
-        content_type: String,
-    },
-}
-
-/// A JSON body whose strings are templates. A string that is one whole expression keeps
-/// the value's type (`"{{ payout }}"` becomes a number).
-#[derive(Debug)]
-pub enum JsonTemplate {
-    Static(serde_json::Value),
-    Text(TemplateId),
-    Whole(TemplateId),
-    Array(Vec<JsonTemplate>),
-    Object(Vec<(String, JsonTemplate)>),
-}
-
-#[derive(Debug, Clone)]
-pub enum Auth {
-    /// `masked`: the username or password is a secret, so the header shows as `Basic ***`.
-    Basic {
-        username: String,
-        password: String,
-        masked: bool,
-    },
-    /// The token, and the token as shown (`***` where it holds a secret).
-    Bearer { token: String, shown: String },
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct Success {
-    /// Accepted statuses; empty means 200-299.
-    pub status: Vec<u16>,
-    pub body_contains: Option<String>,
-    pub body_not_contains: Option<String>,
-    pub json: Vec<(String, serde_json::Value)>,
 }
 
 /// One postback as it applies to one offer (or to all offers), with that offer's overrides.
@@ -355,6 +266,8 @@ pub struct Plan {
     pub secrets: Vec<String>,
     /// The secrets templates place, by number (`__secret_N`).
     pub template_secrets: Arc<[String]>,
+    /// Parameter names rule files and sources declared under `macros:`.
+    pub macros: Arc<[String]>,
 }
 
 impl Plan {
@@ -427,7 +340,9 @@ impl Plan {
             return false;
         }
         if let Some(expr) = &c.expr {
-            let ctx = ctx.get_or_init(|| crate::render::event_context(event, None, "", None));
+            let ctx = ctx.get_or_init(|| {
+                crate::render::event_context(event, None, "", None, self.macros.clone())
+            });
             match self.engine.holds(expr, ctx) {
                 Ok(b) => return b,
                 Err(e) => {
@@ -450,7 +365,7 @@ impl Plan {
         let mut d: Vec<String> = self
             .postbacks
             .iter()
-            .map(|p| p.http.destination.clone())
+            .map(|p| p.action.destination().to_string())
             .collect();
         d.sort();
         d.dedup();
@@ -464,6 +379,63 @@ impl Plan {
             .filter(|p| p.owner.as_deref() == Some(affiliate))
             .map(|p| p.id.clone())
             .collect()
+    }
+
+    /// Renders one entry's postback for an event at `now_ms` (the attempt's time; an
+    /// action may refuse an event too old for its API): what is sent, and what is shown
+    /// (every secret as `***`).
+    pub fn render(
+        &self,
+        entry: &Entry,
+        event: &Event,
+        now_ms: i64,
+    ) -> Result<Rendered, RenderError> {
+        let pb = &self.postbacks[entry.postback];
+        let scope = |reveal: bool| -> Result<crate::actions::Message, RenderError> {
+            let (vars, secrets) = if reveal {
+                (&entry.vars, Some(self.template_secrets.clone()))
+            } else {
+                (entry.shown_vars.as_ref().unwrap_or(&entry.vars), None)
+            };
+            let ctx = crate::render::event_context(
+                event,
+                Some(vars),
+                &pb.id,
+                secrets,
+                self.macros.clone(),
+            );
+            pb.action.render(&Scope {
+                engine: &self.engine,
+                ctx: &ctx,
+                reveal,
+                now_ms,
+            })
+        };
+        let message = match scope(true) {
+            Ok(m) => m,
+            Err(RenderError::BadUrl(_)) if pb.has_secret => {
+                let shown = scope(false).map(|m| m.target().to_string());
+                return Err(RenderError::BadUrl(shown.unwrap_or_else(|_| "***".into())));
+            }
+            Err(e) => return Err(e),
+        };
+        let shown = if pb.has_secret {
+            Some(scope(false)?)
+        } else {
+            None
+        };
+        Ok(Rendered { message, shown })
+    }
+
+    /// Whether every template of the entry's postback is bounded (the simple path, or
+    /// minijinja without a loop or a macro): then rendering costs microseconds, in
+    /// proportion to the template and the event, and needs no thread of its own.
+    pub fn is_cheap(&self, entry: &Entry) -> bool {
+        let pb = &self.postbacks[entry.postback];
+        pb.action
+            .templates()
+            .into_iter()
+            .all(|t| self.engine.is_bounded(t))
     }
 
     pub fn postback(&self, id: &str) -> Option<&Postback> {

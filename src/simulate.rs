@@ -2,19 +2,21 @@
 //! exact requests they would send. Rule tests, `postbackd fire`, `postbackd diff` and
 //! `POST /api/v1/test` all use it, so what they show is what the daemon does.
 
+use crate::actions::{Message, Rendered};
 use crate::ingest::event::Event;
 use crate::plan::Plan;
-use crate::render::{self, Rendered, Request};
 use crate::store::decide;
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-/// One postback an event fires. The request is the real one, secrets included; its
+/// One postback an event fires. The message is the real one, secrets included; its
 /// [`Rendered::shown`] form is what [`describe`] and [`FiredJson::new`] show.
 #[derive(Debug, Clone)]
 pub struct Fired {
     pub postback: String,
+    /// Its action's kind (`http`, `email`, `slack`…).
+    pub kind: &'static str,
     pub offer: String,
     pub delay: Duration,
     pub request: Result<Rendered, String>,
@@ -56,25 +58,33 @@ pub fn simulate(plan: &Plan, history: &[Event]) -> Vec<Fired> {
             let m = d.matched;
             let entry = &plan.entries[m.entry];
             Fired {
+                kind: plan.postbacks[entry.postback].action.kind(),
                 postback: m.postback_id,
                 offer: m.offer,
                 delay: m.delay,
-                request: render::render(plan, entry, &merged).map_err(|e| e.to_string()),
+                request: plan
+                    .render(entry, &merged, merged.received_at)
+                    .map_err(|e| e.to_string()),
             }
         })
         .collect()
 }
 
-/// A request as text people read: method and URL, headers, a blank line, the body. Give it
-/// the shown form of a request, where secrets are masked.
-pub fn describe(r: &Request) -> String {
-    let mut out = format!("{} {}", r.method.as_str(), r.url);
-    for (k, v) in &r.headers {
+/// A message as text people read: method and URL (or `SMTP` and the relay), headers, a
+/// blank line, the body (and a mail's HTML part). Give it the shown form, where secrets are
+/// masked.
+pub fn describe(m: &Message) -> String {
+    let mut out = format!("{} {}", m.method(), m.target());
+    for (k, v) in m.headers() {
         out.push_str(&format!("\n{k}: {v}"));
     }
-    if let Some(b) = r.body.as_ref().filter(|b| !b.is_empty()) {
+    if let Some(b) = m.body().filter(|b| !b.is_empty()) {
         out.push_str("\n\n");
         out.push_str(&String::from_utf8_lossy(b));
+    }
+    if let Some(h) = m.html() {
+        out.push_str("\n\n--- html ---\n");
+        out.push_str(h);
     }
     out
 }
@@ -83,26 +93,46 @@ pub fn describe(r: &Request) -> String {
 #[derive(Debug, Serialize)]
 pub struct FiredJson {
     pub postback: String,
+    pub kind: &'static str,
     pub offer: String,
     pub delay_ms: u64,
     pub request: Value,
 }
 
+/// A message as JSON: method, url (or relay), headers as pairs, body, and a mail's HTML
+/// body. A JSON body is also given parsed, as `json`.
+pub fn message_json(m: &Message) -> Value {
+    let body = m.body().map(|b| String::from_utf8_lossy(b).into_owned());
+    let mut v = json!({
+        "method": m.method(),
+        "url": m.target(),
+        "headers": m.headers().iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
+        "body": body,
+    });
+    if let Some(j) = body
+        .as_deref()
+        .and_then(|b| serde_json::from_str::<Value>(b).ok())
+    {
+        if j.is_object() || j.is_array() {
+            v["json"] = j;
+        }
+    }
+    if let Some(h) = m.html() {
+        v["html"] = h.into();
+    }
+    v
+}
+
 impl FiredJson {
     /// Secrets are masked.
     pub fn new(f: &Fired) -> Self {
-        let request = f.request.as_ref().map(Rendered::shown);
         FiredJson {
             postback: f.postback.clone(),
+            kind: f.kind,
             offer: f.offer.clone(),
             delay_ms: f.delay.as_millis() as u64,
-            request: match &request {
-                Ok(r) => json!({
-                    "method": r.method.as_str(),
-                    "url": r.url,
-                    "headers": r.headers.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
-                    "body": r.body.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()),
-                }),
+            request: match f.request.as_ref().map(Rendered::shown) {
+                Ok(m) => message_json(m),
                 Err(e) => json!({ "error": e }),
             },
         }

@@ -25,6 +25,7 @@ pub const ATTEMPTS: &str = "postbackd_attempts_total";
 pub const ATTEMPT_SECONDS: &str = "postbackd_attempt_duration_seconds";
 pub const LATENCY_SECONDS: &str = "postbackd_delivery_latency_seconds";
 pub const RELOADS: &str = "postbackd_config_reloads_total";
+pub const ACTION_ATTEMPTS: &str = "postbackd_action_attempts_total";
 pub const CONNECTIONS_OPEN: &str = "postbackd_http_connections";
 pub const CONNECTIONS_LIMIT: &str = "postbackd_http_connections_limit";
 pub const CONNECTIONS_CLOSED: &str = "postbackd_http_connections_closed_total";
@@ -134,6 +135,10 @@ fn describe() {
         "From the webhook's arrival to the postback's delivery (holds included), by postback."
     );
     describe_counter!(RELOADS, "Config reloads, by result (success, failure).");
+    describe_counter!(
+        ACTION_ATTEMPTS,
+        "Attempts by action kind (http, email, slack, ...) and result class."
+    );
     describe_gauge!(
         PAUSED,
         "1 while a destination is paused after failing delivery.pause_after attempts in a row."
@@ -169,6 +174,11 @@ pub fn register_plan(plan: &Plan) {
     }
     for r in ["success", "failure"] {
         metrics::counter!(RELOADS, "result" => r).increment(0);
+    }
+    for k in crate::actions::KINDS {
+        for r in RESULTS {
+            metrics::counter!(ACTION_ATTEMPTS, "kind" => k, "result" => r).increment(0);
+        }
     }
     for d in plan.destinations() {
         metrics::gauge!(PAUSED, "destination" => d.clone()).increment(0.0);
@@ -228,6 +238,19 @@ pub fn delivery(postback: &str, outcome: &str) {
             c.deliveries[i].fetch_add(1, Relaxed);
         });
     }
+}
+
+/// An attempt of an action kind ended in one of the [`RESULTS`] classes.
+pub fn action_attempt(kind: &'static str, result: &str) {
+    if kind.is_empty() {
+        return;
+    }
+    let r = RESULTS
+        .iter()
+        .find(|r| **r == result)
+        .copied()
+        .unwrap_or("error");
+    metrics::counter!(ACTION_ATTEMPTS, "kind" => kind, "result" => r).increment(1);
 }
 
 /// An attempt ended in one of the [`RESULTS`] classes (`error` for anything else).

@@ -58,6 +58,10 @@ struct Expected {
     json: Option<Value>,
     /// The hold before sending, e.g. `1m`.
     delay: Option<String>,
+    /// The action's kind: `http`, `email`, `slack`…
+    kind: Option<String>,
+    /// An e-mail's exact HTML body.
+    html: Option<String>,
 }
 
 /// The outcome of a run: counts and the report to print.
@@ -209,27 +213,32 @@ fn compare_one(e: &Expected, f: &Fired) -> Vec<String> {
         }
     };
     if let Some(m) = &e.method {
-        out.extend(diff(
-            id,
-            "method",
-            &m.to_ascii_uppercase(),
-            r.method.as_str(),
-        ));
+        out.extend(diff(id, "method", &m.to_ascii_uppercase(), r.method()));
     }
     if let Some(u) = &e.url {
-        out.extend(diff(id, "url", u, &r.url));
+        out.extend(diff(id, "url", u, r.target()));
+    }
+    if let Some(k) = &e.kind {
+        out.extend(diff(id, "kind", k, f.kind));
     }
     for (k, want) in &e.headers {
-        match r.headers.iter().find(|(h, _)| h.eq_ignore_ascii_case(k)) {
+        match r.headers().iter().find(|(h, _)| h.eq_ignore_ascii_case(k)) {
             Some((_, got)) => out.extend(diff(id, &format!("header `{k}`"), want, got)),
             None => out.push(format!("`{id}` has no header `{k}` (expected `{want}`)")),
         }
     }
     let body = r
-        .body
-        .as_ref()
+        .body()
         .map(|b| String::from_utf8_lossy(b).into_owned())
         .unwrap_or_default();
+    if let Some(want) = &e.html {
+        out.extend(diff(
+            id,
+            "html body",
+            want.trim_end(),
+            r.html().unwrap_or_default().trim_end(),
+        ));
+    }
     if let Some(want) = &e.body {
         out.extend(diff(id, "body", want.trim_end(), body.trim_end()));
     }

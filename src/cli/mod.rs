@@ -61,6 +61,10 @@ enum Command {
         /// Only show what would be sent (the default).
         #[arg(long)]
         dry_run: bool,
+        /// Print one JSON object (what fired, exactly what it sends, and with --send the
+        /// answers), for a rules repository's CI.
+        #[arg(long)]
+        json: bool,
         /// A network, address or host `--send` may reach although it is internal, on top
         /// of `delivery.allow_networks` (repeat for several).
         #[arg(long = "allow-network")]
@@ -99,13 +103,14 @@ pub fn main() -> ExitCode {
             source,
             send,
             dry_run: _,
+            json,
             allow_networks,
         } => rules::fire(
             &dir,
             &event,
             &before,
             source.as_deref(),
-            send,
+            rules::FireOptions { send, json },
             &allow_networks,
         ),
         Command::Sink { listen } => sink(listen),

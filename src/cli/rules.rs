@@ -97,19 +97,36 @@ pub fn event_arg(arg: &str) -> Result<Map<String, Value>, String> {
     Ok(m)
 }
 
-/// `postbackd fire <dir> <event> [--send]`.
+/// How `fire` runs: send each postback once, and print JSON rather than text.
+pub struct FireOptions {
+    pub send: bool,
+    pub json: bool,
+}
+
+/// `postbackd fire <dir> <event> [--send] [--json]`. Exits 1 when a postback cannot be
+/// rendered or (with `--send`) was not accepted, 2 for a bad argument.
 pub fn fire(
     dir: &Path,
     event: &str,
     before: &[String],
     source: Option<&str>,
-    send: bool,
+    opts: FireOptions,
     allow_networks: &[String],
 ) -> ExitCode {
+    let FireOptions { send, json } = opts;
     let mut plan = match crate::config::load_dir(dir) {
         Ok(p) => p,
         Err(errs) => {
-            eprintln!("{errs}");
+            if json {
+                let errors: Vec<Value> = errs
+                    .0
+                    .iter()
+                    .map(|e| serde_json::json!(e.to_string()))
+                    .collect();
+                println!("{}", serde_json::json!({ "errors": errors }));
+            } else {
+                eprintln!("{errs}");
+            }
             return ExitCode::from(1);
         }
     };
@@ -136,7 +153,7 @@ pub fn fire(
         }
     }
     let fired = simulate::simulate(&plan, &history);
-    if fired.is_empty() {
+    if fired.is_empty() && !json {
         println!("nothing fires");
         return ExitCode::SUCCESS;
     }
@@ -147,37 +164,54 @@ pub fn fire(
     let egress = crate::deliver::egress::Egress::new(plan.clone());
     let plan = plan.load_full();
     let client = crate::deliver::client(&plan.settings.delivery.user_agent, egress.clone());
+    let mailer = crate::actions::email::Mailer::default();
     let mut failed = false;
+    let mut out = Vec::new();
     for f in &fired {
-        print_fired(f);
-        let Ok(req) = &f.request else {
+        let mut v = serde_json::json!(simulate::FiredJson::new(f));
+        if !json {
+            print_fired(f);
+        }
+        let Ok(rendered) = &f.request else {
             failed = true;
+            out.push(v);
             continue;
         };
         if send {
             let t = rt.block_on(crate::deliver::send_once(
                 &client,
                 &egress,
+                &mailer,
                 &plan,
                 &f.postback,
-                &req.request,
+                &rendered.message,
             ));
-            let status = t
-                .status
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| "-".into());
-            println!("  <- {} {status} in {} ms", t.outcome, t.duration_ms);
-            if let Some(b) = t.body.filter(|b| !b.is_empty()) {
-                println!("     {}", b.lines().next().unwrap_or_default());
-            }
-            if let Some(e) = t.error {
-                println!("     {e}");
-            }
             failed |= t.outcome != "delivered";
+            if json {
+                v["answer"] = serde_json::json!(t);
+            } else {
+                let status = t
+                    .status
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "-".into());
+                println!("  <- {} {status} in {} ms", t.outcome, t.duration_ms);
+                if let Some(b) = t.body.filter(|b| !b.is_empty()) {
+                    println!("     {}", b.lines().next().unwrap_or_default());
+                }
+                if let Some(e) = t.error {
+                    println!("     {e}");
+                }
+            }
         }
-        println!();
+        if !json {
+            println!();
+        }
+        out.push(v);
     }
-    if !send {
+    if json {
+        let doc = serde_json::json!({ "version": plan.hash, "fired": out, "sent": send });
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    } else if !send {
         println!("(dry run: nothing was sent; add --send to send each once)");
     }
     if failed {
@@ -189,6 +223,9 @@ pub fn fire(
 
 fn print_fired(f: &simulate::Fired) {
     let mut head = format!("-> {}", f.postback);
+    if f.kind != crate::actions::http::KIND {
+        head.push_str(&format!(" [{}]", f.kind));
+    }
     if f.offer != crate::plan::ALL_OFFERS {
         head.push_str(&format!(" (offer {})", f.offer));
     }

@@ -152,6 +152,16 @@ pub fn load_dir(dir: &Path) -> Result<Plan, ConfigErrors> {
         .collect();
     let settings = c.settings(&settings_file, settings_raw, dir);
     for (path, file) in &rule_files {
+        for m in file
+            .sources
+            .iter()
+            .flat_map(|s| &s.macros)
+            .chain(&file.macros)
+        {
+            c.declare_macro(path, m);
+        }
+    }
+    for (path, file) in &rule_files {
         for s in &file.sources {
             c.source(path, s);
         }
@@ -205,6 +215,7 @@ pub fn load_dir(dir: &Path) -> Result<Plan, ConfigErrors> {
         engine: c.engine,
         secrets,
         template_secrets: c.template_secrets.into(),
+        macros: c.macros.into_keys().collect(),
     })
 }
 
@@ -345,17 +356,7 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
     Ok(n / per)
 }
 
-/// The host (with its port when one is written) a URL is sent to, from the URL's static
-/// prefix: `https://user:pw@Tracker.example:8443/pb?x={y}` gives `tracker.example:8443`.
-pub fn destination_of(url: &str) -> String {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))
-        .unwrap_or(url);
-    let authority = rest.split(['/', '?', '#', '{']).next().unwrap_or_default();
-    let host = authority.rsplit('@').next().unwrap_or_default();
-    host.to_ascii_lowercase()
-}
+pub use crate::actions::destination_of;
 
 /// A duration as the config writes them: `500ms`, `30s`, `5m`, `2h`, `1h30m`, `30d` (a day
 /// is 24 hours). Parsed by jiff's "friendly" duration format.
@@ -398,6 +399,8 @@ struct Compiler {
     /// `delivery.destinations` keys with where they were written, checked once every
     /// postback's destination is known.
     destination_keys: Vec<(String, u64, u64)>,
+    /// Parameter names declared under `macros:` (in a rule file or a source), with where.
+    macros: HashMap<String, (PathBuf, u64)>,
 }
 
 /// Where a postback's errors point and what they are about.
@@ -466,7 +469,7 @@ impl Compiler {
         let known: Vec<String> = self
             .postbacks
             .iter()
-            .map(|p| p.http.destination.clone())
+            .map(|p| p.action.destination().to_string())
             .collect();
         for (host, line, column) in std::mem::take(&mut self.destination_keys) {
             if known.contains(&host) {
@@ -488,6 +491,38 @@ impl Compiler {
                 format!("delivery.destinations: no postback sends to `{host}`"),
                 hint,
             );
+        }
+    }
+
+    /// `macros: [name]`: a parameter trackers send that templates may use as `{name}`. A
+    /// canonical field or a name templates already have cannot be declared again.
+    fn declare_macro(&mut self, file: &Path, m: &Spanned<String>) {
+        let cx = Ctx {
+            file,
+            postback: None,
+        };
+        let name = m.value.as_str();
+        let word = !name.is_empty()
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !name.as_bytes()[0].is_ascii_digit();
+        if !word {
+            self.err(
+                &cx,
+                m,
+                format!("macros: `{name}` is not a name"),
+                Some("use letters, digits and underscores, like external_transaction_id".into()),
+            );
+        } else if canonical_name(name).is_some() || EXTRA_NAMES.contains(&name) {
+            self.err(
+                &cx,
+                m,
+                format!("macros: `{name}` is already a field templates know"),
+                Some("use it as it is; declare only names postbackd has no field for".into()),
+            );
+        } else {
+            self.macros
+                .entry(name.to_string())
+                .or_insert_with(|| (file.to_path_buf(), m.referenced.line()));
         }
     }
 
@@ -640,14 +675,6 @@ fn bad_log_level(spec: &str) -> Option<String> {
 
 fn default_listen() -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], 8080))
-}
-
-fn truncate(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        format!("{}…", s.chars().take(n).collect::<String>())
-    }
 }
 
 fn list<'a>(items: impl Iterator<Item = &'a String>) -> String {

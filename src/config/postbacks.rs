@@ -1,7 +1,44 @@
-//! Compiling postbacks: triggers, scopes, conditions, vars, and the HTTP action with its
-//! templates (every secret placed as a variable, see [`super::secret`]).
+//! Compiling postbacks: triggers, scopes, conditions, vars; each action compiles itself
+//! ([`crate::actions`]) through [`Builder`], which places every secret as a variable (see
+//! [`super::secret`]) and checks every template's macros.
 
 use super::*;
+use crate::actions::Build;
+
+/// The compiler as an action's `compile` sees it: errors land at the postback being
+/// compiled, templates are checked against its vars and the declared macros.
+struct Builder<'c, 'a> {
+    c: &'c mut Compiler,
+    cx: &'c Ctx<'a>,
+    declared: &'c BTreeMap<String, Spanned<String>>,
+}
+
+impl Build for Builder<'_, '_> {
+    fn error_at(&mut self, line: u64, column: u64, message: String, hint: Option<String>) {
+        let cx = self.cx;
+        self.c
+            .err_at(cx.file, line, column, cx.postback, message, hint);
+    }
+    fn value(&mut self, at: &Spanned<String>) -> (String, Option<String>) {
+        self.c.expand_pair(self.cx, at)
+    }
+    fn text(&mut self, at: &Spanned<String>) -> (String, String) {
+        self.c.template_text(self.cx, at)
+    }
+    fn compile(
+        &mut self,
+        at: &Spanned<String>,
+        source: &str,
+        escape: Escape,
+        shorthand: bool,
+    ) -> Option<crate::render::template::TemplateId> {
+        self.c
+            .template(self.cx, at, source, escape, shorthand, self.declared)
+    }
+    fn duration(&mut self, at: &Spanned<String>) -> Option<Duration> {
+        self.c.duration(self.cx, at)
+    }
+}
 
 impl Compiler {
     /// Checks a template's variables against what an event provides.
@@ -36,11 +73,14 @@ impl Compiler {
                 }
                 continue;
             }
-            if canonical_name(head).is_some() || EXTRA_NAMES.contains(&head) {
+            if canonical_name(head).is_some()
+                || EXTRA_NAMES.contains(&head)
+                || self.macros.contains_key(head)
+            {
                 continue;
             }
             let hint = suggest(head, CANONICAL.iter().chain(EXTRA_NAMES).copied())
-                .or_else(|| Some(format!("use a canonical field, or `params.{head}` for a raw parameter the tracker sends")));
+                .or_else(|| Some(format!("use a canonical field, `params.{head}` for a raw parameter the tracker sends, or declare it: `macros: [{head}]` in a rule file or its source")));
             self.err(
                 cx,
                 at,
@@ -318,14 +358,35 @@ impl Compiler {
             }
         }
 
-        let http = match &p.http {
-            Some(h) => self.http(&cx, h, &declared),
-            None => {
+        let action = match p.actions().as_slice() {
+            [(_, raw)] => raw.compile(&mut Builder {
+                c: self,
+                cx: &cx,
+                declared: &declared,
+            }),
+            [] => {
                 self.err(
                     &cx,
                     &p.id,
                     "postback has no action",
-                    Some("add an `http:` block with at least a `url:`".into()),
+                    Some(format!(
+                        "add one of: {} (an `http:` block needs at least a `url:`)",
+                        crate::actions::KINDS.join(", ")
+                    )),
+                );
+                None
+            }
+            several => {
+                let kinds: Vec<&str> = several.iter().map(|(k, _)| *k).collect();
+                self.err(
+                    &cx,
+                    &p.id,
+                    format!(
+                        "postback has {} actions ({}); give exactly one",
+                        kinds.len(),
+                        kinds.join(", ")
+                    ),
+                    Some("split it into one postback per action, each with its own id".into()),
                 );
                 None
             }
@@ -343,7 +404,7 @@ impl Compiler {
         if self.errors.len() > errors_before {
             return;
         }
-        let Some(http) = http else { return };
+        let Some(action) = action else { return };
         let pb_index = self.postbacks.len();
         self.postbacks.push(Postback {
             id: id.clone(),
@@ -355,7 +416,7 @@ impl Compiler {
             },
             trigger,
             statuses,
-            http,
+            action,
             retry,
             fingerprint: fingerprint(p),
             has_secret: self.postback_has_secret,
@@ -434,292 +495,5 @@ impl Compiler {
                 conditions: conds,
             });
         }
-    }
-
-    fn http(
-        &mut self,
-        cx: &Ctx,
-        h: &RawHttp,
-        declared: &BTreeMap<String, Spanned<String>>,
-    ) -> Option<HttpAction> {
-        let method = match h.method.as_ref().map(|m| m.value.to_ascii_uppercase()) {
-            None => Method::Get,
-            Some(m) => match m.as_str() {
-                "GET" => Method::Get,
-                "POST" => Method::Post,
-                "PUT" => Method::Put,
-                "PATCH" => Method::Patch,
-                "DELETE" => Method::Delete,
-                _ => {
-                    if let Some(at) = &h.method {
-                        self.err(
-                            cx,
-                            at,
-                            format!("unknown method `{m}`"),
-                            Some("use GET, POST, PUT, PATCH or DELETE".into()),
-                        );
-                    }
-                    Method::Get
-                }
-            },
-        };
-        let (url_text, url_src) = self.template_text(cx, &h.url);
-        // URL confinement: the scheme and host are written in the rule, never rendered from
-        // event data, so a crafted click id cannot redirect a postback.
-        let static_prefix = url_text.split("{").next().unwrap_or("");
-        let after_scheme = static_prefix
-            .strip_prefix("https://")
-            .or_else(|| static_prefix.strip_prefix("http://"));
-        match after_scheme {
-            None => self.err(
-                cx,
-                &h.url,
-                // The url as written: an expanded secret never goes into a message.
-                format!(
-                    "url must start with http:// or https://, got `{}`",
-                    truncate(&h.url.value, 60)
-                ),
-                Some(
-                    "write the full url, e.g. https://tracker.example/postback?cid={clickid}"
-                        .into(),
-                ),
-            ),
-            Some(rest) if !rest.contains(['/', '?']) && url_text.contains('{') => self.err(
-                cx,
-                &h.url,
-                "url: the host must be written out, not templated",
-                Some(
-                    "keep macros in the path and query: https://tracker.example/pb?cid={clickid}"
-                        .into(),
-                ),
-            ),
-            Some("") => self.err(cx, &h.url, "url has no host", None),
-            _ => {}
-        }
-        let url = self.template(cx, &h.url, &url_src, Escape::Url, true, declared);
-        let mut params = Vec::new();
-        for (k, v) in &h.params {
-            let (_, text) = self.template_text(cx, v);
-            if let Some(t) = self.template(cx, v, &text, Escape::Plain, true, declared) {
-                params.push((k.clone(), t));
-            }
-        }
-        let mut headers = Vec::new();
-        for (k, v) in &h.headers {
-            if k.is_empty()
-                || !k
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
-            {
-                self.err(cx, v, format!("`{k}` is not a valid header name"), None);
-                continue;
-            }
-            let (_, text) = self.template_text(cx, v);
-            if let Some(t) = self.template(cx, v, &text, Escape::Plain, true, declared) {
-                headers.push((k.clone(), t));
-            }
-        }
-        let bodies = [h.form.is_some(), h.json.is_some(), h.body.is_some()]
-            .iter()
-            .filter(|b| **b)
-            .count();
-        if bodies > 1 {
-            self.err(cx, &h.url, "give at most one of form, json and body", None);
-        }
-        if bodies > 0 && method == Method::Get {
-            let at = h
-                .method
-                .as_ref()
-                .map(|m| (m.referenced.line(), m.referenced.column()))
-                .unwrap_or((h.url.referenced.line(), h.url.referenced.column()));
-            self.err_at(
-                cx.file,
-                at.0,
-                at.1,
-                cx.postback,
-                "a GET request cannot carry a body".into(),
-                Some("set `method: POST`".into()),
-            );
-        }
-        let body = if let Some(form) = &h.form {
-            let mut fields = Vec::new();
-            for (k, v) in form {
-                let (_, text) = self.template_text(cx, v);
-                if let Some(t) = self.template(cx, v, &text, Escape::Plain, true, declared) {
-                    fields.push((k.clone(), t));
-                }
-            }
-            Body::Form(fields)
-        } else if let Some(j) = &h.json {
-            let at = Spanned::new(String::new(), j.referenced, j.defined);
-            Body::Json(self.json_template(cx, &at, &j.value, declared))
-        } else if let Some(b) = &h.body {
-            let (_, text) = self.template_text(cx, b);
-            let ct = h
-                .content_type
-                .clone()
-                .unwrap_or_else(|| "text/plain; charset=utf-8".into());
-            let esc = if ct.contains("json") {
-                Escape::Json
-            } else {
-                Escape::Plain
-            };
-            match self.template(cx, b, &text, esc, false, declared) {
-                Some(t) => Body::Raw {
-                    template: t,
-                    content_type: ct,
-                },
-                None => Body::None,
-            }
-        } else {
-            Body::None
-        };
-        let auth = h
-            .auth
-            .as_ref()
-            .and_then(|a| match (&a.username, &a.password, &a.bearer) {
-                (Some(u), Some(p), None) => {
-                    let (username, u_shown) = self.expand_pair(cx, u);
-                    let (password, p_shown) = self.expand_pair(cx, p);
-                    Some(Auth::Basic {
-                        username,
-                        password,
-                        masked: u_shown.is_some() || p_shown.is_some(),
-                    })
-                }
-                (None, None, Some(b)) => {
-                    let (token, shown) = self.expand_pair(cx, b);
-                    Some(Auth::Bearer {
-                        shown: shown.unwrap_or_else(|| token.clone()),
-                        token,
-                    })
-                }
-                _ => {
-                    self.err(
-                        cx,
-                        &h.url,
-                        "auth: give either username and password, or bearer",
-                        Some("auth: { bearer: \"${env:CRM_TOKEN}\" }".into()),
-                    );
-                    None
-                }
-            });
-        let timeout = h.timeout.as_ref().and_then(|t| self.duration(cx, t));
-        let success = match &h.success {
-            Some(s) => Success {
-                status: s.status.clone().unwrap_or_default(),
-                body_contains: s.body_contains.clone(),
-                body_not_contains: s.body_not_contains.clone(),
-                json: s.json.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            },
-            None => Success::default(),
-        };
-        let sign = h
-            .sign
-            .as_ref()
-            .and_then(|g| self.signing_keys(cx, g, &h.url));
-        Some(HttpAction {
-            sign,
-            method,
-            destination: destination_of(&url_text),
-            url: url?,
-            params,
-            headers,
-            body,
-            auth,
-            timeout,
-            success,
-        })
-    }
-
-    fn json_template(
-        &mut self,
-        cx: &Ctx,
-        at: &Spanned<String>,
-        v: &serde_json::Value,
-        declared: &BTreeMap<String, Spanned<String>>,
-    ) -> JsonTemplate {
-        match v {
-            serde_json::Value::String(s) => {
-                let at_text = Spanned::new(s.clone(), at.referenced, at.defined);
-                let (expanded, src) = self.template_text(cx, &at_text);
-                let src = expand_shorthand(&src);
-                if !src.contains("{{") && !src.contains("{%") {
-                    return JsonTemplate::Static(serde_json::Value::String(expanded));
-                }
-                let trimmed = src.trim();
-                let whole = trimmed.starts_with("{{")
-                    && trimmed.ends_with("}}")
-                    && trimmed.matches("{{").count() == 1;
-                let (src, esc) = if whole {
-                    (trimmed.to_string(), Escape::Json)
-                } else {
-                    (src, Escape::Plain)
-                };
-                match self.template(cx, &at_text, &src, esc, false, declared) {
-                    Some(t) if whole => JsonTemplate::Whole(t),
-                    Some(t) => JsonTemplate::Text(t),
-                    None => JsonTemplate::Static(v.clone()),
-                }
-            }
-            serde_json::Value::Array(a) => JsonTemplate::Array(
-                a.iter()
-                    .map(|x| self.json_template(cx, at, x, declared))
-                    .collect(),
-            ),
-            serde_json::Value::Object(o) => JsonTemplate::Object(
-                o.iter()
-                    .map(|(k, x)| (k.clone(), self.json_template(cx, at, x, declared)))
-                    .collect(),
-            ),
-            other => JsonTemplate::Static(other.clone()),
-        }
-    }
-
-    /// `sign:`: each secret from `${env:…}`/`${file:…}`, `whsec_` and base64, as the
-    /// Standard Webhooks specification writes them.
-    fn signing_keys(
-        &mut self,
-        cx: &Ctx,
-        g: &RawSign,
-        url: &Spanned<String>,
-    ) -> Option<SigningKeys> {
-        let all: Vec<&Spanned<String>> =
-            g.secret.iter().chain(g.secrets.iter().flatten()).collect();
-        if all.is_empty() || all.len() > 2 {
-            let at = all.first().copied().unwrap_or(url);
-            self.err(
-                cx,
-                at,
-                "sign: give one secret, or two (new and old) while a key rotates",
-                Some("sign: { secret: \"${env:WEBHOOK_SECRET}\" }".into()),
-            );
-            return None;
-        }
-        let mut keys = Vec::new();
-        for s in all {
-            if !s.value.trim_start().starts_with("${") {
-                self.err(
-                    cx,
-                    s,
-                    "sign: a signing secret must not be written in the config",
-                    Some("read it from the environment or a file: ${env:WEBHOOK_SECRET}".into()),
-                );
-                continue;
-            }
-            let value = self.expand(cx, s);
-            let raw = value.strip_prefix("whsec_").unwrap_or(&value);
-            use base64::Engine;
-            match base64::engine::general_purpose::STANDARD.decode(raw.trim()) {
-                Ok(k) if !k.is_empty() => keys.push(k),
-                _ => self.err(
-                    cx,
-                    s,
-                    "sign: the secret is not a Standard Webhooks secret (whsec_ and base64)",
-                    Some("generate one with: echo whsec_$(openssl rand -base64 32)".into()),
-                ),
-            }
-        }
-        (!keys.is_empty()).then_some(SigningKeys(keys))
     }
 }

@@ -1,6 +1,8 @@
-//! The YAML schema, exactly as users write it. These are the only serde types for config;
-//! [`super::compile`] turns them into a checked [`crate::plan::Plan`].
+//! The YAML schema, exactly as users write it. These, and each action kind's `Raw` in
+//! [`crate::actions`], are the only serde types for config; the compiler turns them into a
+//! checked [`crate::plan::Plan`].
 
+use crate::actions;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
@@ -167,6 +169,10 @@ pub struct RawRuleFile {
     pub offers: Vec<RawOffer>,
     #[serde(default)]
     pub postbacks: Vec<RawPostback>,
+    /// Names of parameters trackers send that templates may use as `{name}`
+    /// (`external_transaction_id`); for every rule file.
+    #[serde(default)]
+    pub macros: Vec<Spanned<String>>,
 }
 
 /// A named sender of webhooks (a tracker), reached at `/postback/<id>`.
@@ -194,6 +200,9 @@ pub struct RawSource {
     pub status_map: BTreeMap<String, Spanned<String>>,
     /// Event kind when the request does not say (default conversion).
     pub kind: Option<Spanned<String>>,
+    /// Parameters this tracker sends that templates may use as `{name}`.
+    #[serde(default)]
+    pub macros: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -254,8 +263,41 @@ pub struct RawPostback {
     /// Per-offer overrides of a shared postback.
     #[serde(default)]
     pub per_offer: BTreeMap<String, RawOverride>,
-    pub http: Option<RawHttp>,
     pub retry: Option<Vec<Spanned<String>>>,
+    // The action: exactly one of these (see `crate::actions`).
+    pub http: Option<actions::http::Raw>,
+    pub email: Option<actions::email::Raw>,
+    pub slack: Option<actions::slack::Raw>,
+    pub telegram: Option<actions::telegram::Raw>,
+    pub twilio: Option<actions::twilio::Raw>,
+    pub meta: Option<actions::meta::Raw>,
+    pub ga4: Option<actions::ga4::Raw>,
+    pub tiktok: Option<actions::tiktok::Raw>,
+}
+
+impl RawPostback {
+    /// The action blocks it has, by kind: exactly one is right.
+    pub fn actions(&self) -> Vec<(&'static str, &dyn actions::RawAction)> {
+        fn one<'a, T: actions::RawAction>(
+            kind: &'static str,
+            raw: &'a Option<T>,
+        ) -> Option<(&'static str, &'a dyn actions::RawAction)> {
+            raw.as_ref().map(|r| (kind, r as &dyn actions::RawAction))
+        }
+        [
+            one(actions::http::KIND, &self.http),
+            one(actions::email::KIND, &self.email),
+            one(actions::slack::KIND, &self.slack),
+            one(actions::telegram::KIND, &self.telegram),
+            one(actions::twilio::KIND, &self.twilio),
+            one(actions::meta::KIND, &self.meta),
+            one(actions::ga4::KIND, &self.ga4),
+            one(actions::tiktok::KIND, &self.tiktok),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
 }
 
 #[derive(Debug, Deserialize, Serialize, Default)]
@@ -267,59 +309,4 @@ pub struct RawOverride {
     pub vars: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
     pub when: BTreeMap<String, Spanned<OneOrMany>>,
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawHttp {
-    pub method: Option<Spanned<String>>,
-    pub url: Spanned<String>,
-    /// Query parameters appended to the URL (values are templates, encoded for you).
-    #[serde(default)]
-    pub params: BTreeMap<String, Spanned<String>>,
-    #[serde(default)]
-    pub headers: BTreeMap<String, Spanned<String>>,
-    /// A form body (`application/x-www-form-urlencoded`).
-    pub form: Option<BTreeMap<String, Spanned<String>>>,
-    /// A JSON body written as YAML; every string in it is a template.
-    pub json: Option<Spanned<serde_json::Value>>,
-    /// A raw body template with its content type.
-    pub body: Option<Spanned<String>>,
-    pub content_type: Option<String>,
-    pub auth: Option<RawAuth>,
-    pub timeout: Option<Spanned<String>>,
-    pub success: Option<RawSuccess>,
-    /// Sign the request the Standard Webhooks way.
-    pub sign: Option<RawSign>,
-}
-
-/// `sign: { secret: … }` or, while a key rotates, `sign: { secrets: [new, old] }`.
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawSign {
-    pub secret: Option<Spanned<String>>,
-    pub secrets: Option<Vec<Spanned<String>>>,
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawAuth {
-    pub username: Option<Spanned<String>>,
-    pub password: Option<Spanned<String>>,
-    pub bearer: Option<Spanned<String>>,
-}
-
-/// How to tell success from the response, for APIs that answer 200 to failures.
-#[derive(Debug, Deserialize, Serialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RawSuccess {
-    /// Accepted status codes (default 200-299).
-    pub status: Option<Vec<u16>>,
-    /// The body must contain this text.
-    pub body_contains: Option<String>,
-    /// The body must not contain this text.
-    pub body_not_contains: Option<String>,
-    /// A JSON field of the body (dotted path) must equal this value, e.g. `code: 0`.
-    #[serde(default)]
-    pub json: BTreeMap<String, serde_json::Value>,
 }

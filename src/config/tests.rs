@@ -173,9 +173,7 @@ fn per_offer_overrides_and_disabled_entries() {
     assert_eq!(m.len(), 1);
     assert_eq!(m[0].delay, Duration::from_secs(30));
     let e = event(&[("clickid", "c d"), ("offer_id", "2"), ("affiliate_id", "5")]);
-    let req = crate::render::render(&p, &p.entries[m[0].entry], &e)
-        .unwrap()
-        .request;
+    let req = http_request(&p, &p.entries[m[0].entry], &e);
     assert_eq!(req.url, "https://t.example/a?t=two&c=c%20d");
     assert!(fired(
         &p,
@@ -183,9 +181,7 @@ fn per_offer_overrides_and_disabled_entries() {
     )
     .is_empty());
     let m = p.matches(&event(&[("clickid", "c"), ("offer_id", "1")]));
-    let req = crate::render::render(&p, &p.entries[m[0].entry], &e)
-        .unwrap()
-        .request;
+    let req = http_request(&p, &p.entries[m[0].entry], &e);
     assert!(
         req.url.starts_with("https://t.example/a?t=base"),
         "{}",
@@ -306,8 +302,8 @@ fn secrets_are_masked_where_they_are_placed() {
         "z9".to_string(),
     ];
     for m in p.matches(&e) {
-        let r = crate::render::render(&p, &p.entries[m.entry], &e).unwrap();
-        let sent = crate::simulate::describe(&r.request);
+        let r = p.render(&p.entries[m.entry], &e, 0).unwrap();
+        let sent = crate::simulate::describe(&r.message);
         let shown = crate::simulate::describe(r.shown());
         assert!(sent.contains(secret) || sent.contains("Bearer"), "{sent}");
         for f in &forms {
@@ -442,9 +438,7 @@ fn amounts_are_sent_exactly_as_received() {
         let e = event(&[("clickid", "c"), ("payout", payout)]);
         let m = p.matches(&e);
         assert_eq!(m.len(), 1, "{payout} > 10 holds");
-        let r = crate::render::render(&p, &p.entries[m[0].entry], &e)
-            .unwrap()
-            .request;
+        let r = http_request(&p, &p.entries[m[0].entry], &e);
         assert!(r.url.ends_with(url), "{payout}: {}", r.url);
         let body = String::from_utf8(r.body.unwrap()).unwrap();
         assert!(body.contains(&format!(r#""amount":{amount},"#)), "{body}");
@@ -454,9 +448,7 @@ fn amounts_are_sent_exactly_as_received() {
         );
     }
     let e = event(&[("clickid", "c"), ("payout", "12.50"), ("revenue", "3")]);
-    let r = crate::render::render(&p, &p.entries[p.matches(&e)[0].entry], &e)
-        .unwrap()
-        .request;
+    let r = http_request(&p, &p.entries[p.matches(&e)[0].entry], &e);
     assert!(r.url.ends_with("sum=12.50&r=3"), "{}", r.url);
     assert!(String::from_utf8(r.body.unwrap())
         .unwrap()
@@ -500,4 +492,12 @@ fn an_unknown_filter_is_a_check_error() {
         "r.yaml",
         &pb("  - id: a\n    trigger: conversion\n    http: { url: \"https://t.example/?t={{ clickid | default('a|b') | upper }}&s={status:approved=1}\" }\n"),
     )]);
+}
+
+/// The HTTP request an entry renders for an event.
+fn http_request(p: &Plan, entry: &crate::plan::Entry, e: &Event) -> crate::actions::Request {
+    match p.render(entry, e, 0).unwrap().message {
+        crate::actions::Message::Http(r) => r,
+        other => panic!("not an HTTP request: {other:?}"),
+    }
 }

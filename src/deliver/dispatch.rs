@@ -222,6 +222,7 @@ impl Deliverer {
                                     let (me, done) = (self.clone(), done_tx.clone());
                                     tasks.spawn(async move {
                                         let dead = super::Decision {
+                                            kind: "",
                                             attempt: None,
                                             next: crate::store::Next::Dead,
                                             reason: Some("the stored event cannot be read".into()),

@@ -207,7 +207,7 @@ pub fn warnings(plan: &Plan) -> Vec<String> {
     plan.postbacks
         .iter()
         .filter_map(|p| {
-            let url = reqwest::Url::parse(&format!("http://{}/", p.http.destination)).ok()?;
+            let url = reqwest::Url::parse(&format!("http://{}/", p.action.destination())).ok()?;
             let ip = match url.host()? {
                 url::Host::Ipv4(v4) => IpAddr::V4(v4),
                 url::Host::Ipv6(v6) => IpAddr::V6(v6),

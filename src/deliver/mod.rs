@@ -8,14 +8,14 @@
 mod dispatch;
 pub mod egress;
 pub mod gate;
-pub mod outcome;
 mod prune;
 pub mod schedule;
 
 pub use prune::prune_loop;
 
+use crate::actions::email::Mailer;
+use crate::actions::{self, Answer, HttpAnswer, Message, Request, SendError};
 use crate::plan::Plan;
-use crate::render::{self, Request};
 use crate::store::{Attempt, Claimed, Next, Store};
 use arc_swap::ArcSwap;
 use std::sync::Arc;
@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct Decision {
     pub attempt: Option<Attempt>,
+    /// The action kind of the attempt (empty when nothing was attempted).
+    pub kind: &'static str,
     pub next: Next,
     pub reason: Option<String>,
 }
@@ -37,6 +39,8 @@ pub struct Deliverer {
     pub plan: Arc<ArcSwap<Plan>>,
     pub client: reqwest::Client,
     pub egress: egress::Egress,
+    /// SMTP connections for e-mail actions, pooled per relay.
+    pub mailer: Mailer,
     /// The destinations paused now: (destination, since when in unix ms, failures in a row).
     pub paused: Paused,
 }
@@ -69,6 +73,7 @@ impl Deliverer {
             plan,
             client: client(&ua, egress.clone()),
             egress,
+            mailer: Mailer::default(),
             paused: Paused::default(),
         }
     }
@@ -80,6 +85,7 @@ impl Deliverer {
             attempt,
             next,
             reason,
+            ..
         } = decision;
         let mut pause = Duration::from_millis(100);
         loop {
@@ -105,6 +111,7 @@ impl Deliverer {
         let plan = self.plan.load_full();
         let finish = |attempt: Option<Attempt>, next: Next, reason: Option<String>| Decision {
             attempt,
+            kind: "",
             next,
             reason,
         };
@@ -138,23 +145,23 @@ impl Deliverer {
         // A template minijinja runs is CPU work of unknown size (it may loop): it runs on
         // the blocking pool, never on the threads that serve HTTP, and its fuel bounds it.
         // Text and plain macros render in microseconds, here.
-        let rendered = if render::is_cheap(&plan, entry) {
-            render::render(&plan, entry, &d.event)
+        let rendered = if plan.is_cheap(entry) {
+            plan.render(entry, &d.event, started)
         } else {
             let (plan, event) = (plan.clone(), d.event.clone());
             let key = (d.postback_id.clone(), d.offer.clone());
             tokio::task::spawn_blocking(move || {
                 let entry =
                     plan.entry(&key.0, &key.1)
-                        .ok_or_else(|| render::RenderError::Template {
+                        .ok_or_else(|| actions::RenderError::Template {
                             part: "render".into(),
                             message: "the postback left the config".into(),
                         })?;
-                render::render(&plan, entry, &event)
+                plan.render(entry, &event, started)
             })
             .await
             .unwrap_or_else(|e| {
-                Err(render::RenderError::Template {
+                Err(actions::RenderError::Template {
                     part: "render".into(),
                     message: format!("the render stopped unexpectedly: {e}"),
                 })
@@ -170,31 +177,36 @@ impl Deliverer {
                     started,
                     &plan.settings.delivery,
                     None,
-                    true,
+                    e.retryable(),
                 );
-                tracing::warn!(delivery = d.id, postback = %pb.id, attempt = attempt_no, error = %e, "render failed");
+                tracing::warn!(delivery = d.id, postback = %pb.id, attempt = attempt_no, error = %e, kind = pb.action.kind(), "render failed");
                 let a = Attempt {
                     started_at: started,
                     outcome: "render_error".into(),
                     error: Some(plan.scrub(&e.to_string())),
                     config_version: plan.hash.clone(),
-                    method: pb.http.method.as_str().into(),
                     ..Attempt::default()
                 };
-                return finish(Some(a), next, None);
+                return Decision {
+                    kind: pb.action.kind(),
+                    ..finish(Some(a), next, None)
+                };
             }
         };
-        if let Some(keys) = &pb.http.sign {
+        if let Some(keys) = pb.action.signing() {
             // One message id per delivery, the same on every retry, so a receiver can
             // drop a repeat; a fresh timestamp on each, as receivers bound its age.
             let id = format!("msg_{}_{}", d.event.id, d.id);
             rendered.sign(keys, &id, crate::now_ms() / 1000);
         }
-        let timeout = pb.http.timeout.unwrap_or(plan.settings.delivery.timeout);
+        let timeout = pb
+            .action
+            .timeout()
+            .unwrap_or(plan.settings.delivery.timeout);
         let t0 = Instant::now();
-        let result = self.send(&rendered.request, timeout).await;
+        let answer = self.send(&rendered.message, timeout).await;
         let duration_ms = t0.elapsed().as_millis() as i64;
-        let out = outcome::judge(result, &pb.http.success);
+        let out = pb.action.judge(answer);
         let retryable = out.retryable();
         let next = if out.is_success() {
             Next::Delivered
@@ -219,54 +231,86 @@ impl Deliverer {
             status = status.map(i64::from).unwrap_or(0),
             duration_ms,
             next = next_label(&next),
-            url = %render::escape_controls(&shown.url),
+            url = %crate::render::escape_controls(shown.target()),
+            kind = pb.action.kind(),
             "delivery attempt"
         );
         let a = Attempt {
             started_at: started,
             duration_ms,
-            method: shown.method.as_str().into(),
-            url: shown.url.clone(),
-            request_body: shown
-                .body
-                .as_ref()
-                .filter(|b| !b.is_empty())
-                .map(|b| String::from_utf8_lossy(&b[..b.len().min(4096)]).into_owned()),
+            method: shown.method().into(),
+            url: shown.target().to_string(),
+            request_body: shown.logged_body().map(|b| cut(&b, 4096)),
             response_status: status,
             response_body: body.map(|b| plan.scrub(&b)),
             error: error.map(|e| plan.scrub(&e)),
             outcome: out.class().into(),
             config_version: plan.hash.clone(),
         };
-        finish(Some(a), next, None)
+        Decision {
+            kind: pb.action.kind(),
+            ..finish(Some(a), next, None)
+        }
     }
 
-    async fn send(
-        &self,
-        req: &Request,
-        timeout: Duration,
-    ) -> Result<(u16, Option<Duration>, String), outcome::SendError> {
-        send(&self.client, &self.egress, req, timeout).await
+    /// Sends one message by its transport: HTTP through the client, mail through the
+    /// relay's pool.
+    pub async fn send(&self, m: &Message, timeout: Duration) -> Answer {
+        send(&self.client, &self.egress, &self.mailer, m, timeout).await
+    }
+}
+
+/// The first `limit` bytes of a text, cut at a character boundary.
+fn cut(s: &str, limit: usize) -> String {
+    let mut end = s.len().min(limit);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// Sends one message and returns what came back.
+pub async fn send(
+    client: &reqwest::Client,
+    egress: &egress::Egress,
+    mailer: &Mailer,
+    m: &Message,
+    timeout: Duration,
+) -> Answer {
+    match m {
+        Message::Http(r) => Answer::Http(send_request(client, egress, r, timeout).await),
+        Message::Mail(mail) => Answer::Mail(mailer.send(mail, timeout).await),
     }
 }
 
 /// Sends one request; returns the status, any `Retry-After`, and the first 64 KiB of the
 /// body. A literal address the egress policy blocks is refused before anything is sent.
-pub async fn send(
+pub async fn send_request(
     client: &reqwest::Client,
     egress: &egress::Egress,
     req: &Request,
     timeout: Duration,
-) -> Result<(u16, Option<Duration>, String), outcome::SendError> {
-    use outcome::SendError;
+) -> Result<HttpAnswer, SendError> {
     // Parsed once: checked here, then handed to the client as it is.
     let url = reqwest::Url::parse(&req.url);
     if let Ok(u) = &url {
-        egress.check_url(u).map_err(SendError::Blocked)?;
+        egress
+            .check_url(u)
+            .map_err(|b| SendError::Blocked(b.to_string()))?;
     }
-    send_http(client, req, url, timeout)
-        .await
-        .map_err(SendError::Http)
+    match send_http(client, req, url, timeout).await {
+        Ok((status, retry_after, body)) => Ok(HttpAnswer {
+            status,
+            retry_after,
+            body,
+        }),
+        Err(e) => Err(match egress::blocked_in(&e) {
+            Some(b) => SendError::Blocked(b.to_string()),
+            // The error's url would carry what was placed in it, secrets included: the
+            // attempt already records the url as shown.
+            None => SendError::Http(e.without_url()),
+        }),
+    }
 }
 
 async fn send_http(
@@ -311,6 +355,7 @@ pub fn observe(d: &Claimed, decision: &Decision) {
             other => other,
         };
         crate::telemetry::attempt(&postback, result);
+        crate::telemetry::action_attempt(decision.kind, result);
         if result != "render_error" {
             metrics::histogram!(ATTEMPT_SECONDS, "postback" => postback.clone())
                 .record(a.duration_ms as f64 / 1000.0);
@@ -339,32 +384,42 @@ pub struct Tried {
     pub duration_ms: u64,
 }
 
-/// Sends a postback's request once, outside the queue and the delivery log, and judges the
-/// answer by the postback's own rules (`fire --send`, `POST /api/v1/test`).
+/// Sends a postback's message once, outside the queue and the delivery log, and judges the
+/// answer by the postback's own rules (`fire --send`, `POST /api/v1/test`). An action with
+/// a validation endpoint (GA4) sends there instead.
 pub async fn send_once(
     client: &reqwest::Client,
     egress: &egress::Egress,
+    mailer: &Mailer,
     plan: &Plan,
     postback_id: &str,
-    req: &Request,
+    message: &Message,
 ) -> Tried {
-    let pb = plan.postback(postback_id);
+    let Some(pb) = plan.postback(postback_id) else {
+        return Tried {
+            outcome: "error".into(),
+            status: None,
+            body: None,
+            error: Some(format!("postback `{postback_id}` is not in the config")),
+            duration_ms: 0,
+        };
+    };
     let timeout = pb
-        .and_then(|p| p.http.timeout)
+        .action
+        .timeout()
         .unwrap_or(plan.settings.delivery.timeout);
-    let mut req = req.clone();
-    if let Some(keys) = pb.and_then(|p| p.http.sign.as_ref()) {
+    let mut rendered = actions::Rendered {
+        message: pb.action.for_test(message.clone()),
+        shown: None,
+    };
+    if let Some(keys) = pb.action.signing() {
         let id = format!("msg_test_{}", uuid::Uuid::new_v4().simple());
-        let headers = render::sign::standard_webhooks(&req, keys, &id, crate::now_ms() / 1000);
-        req.headers
-            .retain(|(k, _)| !render::sign::HEADERS.contains(&k.to_ascii_lowercase().as_str()));
-        req.headers.extend(headers);
+        rendered.sign(keys, &id, crate::now_ms() / 1000);
     }
     let t0 = Instant::now();
-    let result = send(client, egress, &req, timeout).await;
+    let answer = send(client, egress, mailer, &rendered.message, timeout).await;
     let duration_ms = t0.elapsed().as_millis() as u64;
-    let success = pb.map(|p| p.http.success.clone()).unwrap_or_default();
-    let out = outcome::judge(result, &success);
+    let out = pb.action.judge_test(answer);
     let (status, body, error) = out.parts();
     Tried {
         outcome: out.class().to_string(),
@@ -397,6 +452,7 @@ fn orphaned(d: &Claimed, plan: &Plan, now: i64) -> Decision {
         tracing::info!(delivery = d.id, postback = %d.postback_id, reason = %reason, "delivery cancelled");
         return Decision {
             attempt: None,
+            kind: "",
             next: Next::Cancelled,
             reason: Some(reason),
         };
@@ -410,6 +466,7 @@ fn orphaned(d: &Claimed, plan: &Plan, now: i64) -> Decision {
     }
     Decision {
         attempt: None,
+        kind: "",
         next: Next::Orphaned {
             since,
             due_at: since + grace,

@@ -1,21 +1,20 @@
-//! Rendering: an event plus a postback become the exact HTTP request to send.
+//! Templates and what they see: the engine ([`template`]), and the context of one event
+//! (every canonical field, the aliases, dates, vars and placed secrets).
 //!
 //! Rendering happens when a delivery is attempted, not when the event arrives, so a retry of
-//! a postback whose rule was fixed goes out with the fixed rule.
+//! a postback whose rule was fixed goes out with the fixed rule. What a postback's
+//! templates make of the context is its action's business ([`crate::actions`]).
 
 #[cfg(test)]
 mod props;
-pub mod sign;
 mod simple;
 pub mod template;
 
 use crate::ingest::event::{Event, CANONICAL};
-use crate::plan::{Auth, Body, Entry, JsonTemplate, Method, Plan};
 use minijinja::value::{Enumerator, Object, ObjectRepr};
 use minijinja::Value;
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
-use template::Engine;
 
 /// Names templates may use besides the canonical fields (see [`event_context`]).
 pub const EXTRA_NAMES: &[&str] = &[
@@ -50,14 +49,17 @@ pub const EXTRA_NAMES: &[&str] = &[
 /// rendering.
 ///
 /// `secrets` are the values templates place (`__secret_N`); without them every secret
-/// reads `***`, which is how a request is rendered for showing.
+/// reads `***`, which is how a request is rendered for showing. `macros` are the parameter
+/// names rule files and sources declared.
 pub fn event_context(
     event: &Event,
     vars: Option<&BTreeMap<String, String>>,
     postback_id: &str,
     secrets: Option<Arc<[String]>>,
+    macros: Arc<[String]>,
 ) -> Value {
     Value::from_object(Context {
+        macros,
         event: event.clone(),
         vars: vars.cloned().unwrap_or_default(),
         postback_id: postback_id.to_string(),
@@ -76,6 +78,8 @@ struct Context {
     rand: OnceLock<Value>,
     /// The secrets' values, or none to show each as `***`.
     secrets: Option<Arc<[String]>>,
+    /// Parameter names declared under `macros:`, readable as `{name}`.
+    macros: Arc<[String]>,
 }
 
 impl Context {
@@ -124,6 +128,12 @@ impl Context {
             _ if CANONICAL.contains(&name) => match e.field(name) {
                 Some(s) if name == "payout" || name == "revenue" => number(s),
                 Some(s) => Value::from(s),
+                None => Value::from(()),
+            },
+            // A name a rule file or a source declared under `macros:`: the parameter of
+            // that name, empty when absent.
+            _ if self.macros.iter().any(|m| m == name) => match e.params.get(name) {
+                Some(v) => Value::from(v.as_str()),
                 None => Value::from(()),
             },
             _ => return None,
@@ -223,213 +233,6 @@ fn is_decimal(s: &str) -> bool {
     i == b.len()
 }
 
-/// The request a delivery sends.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Request {
-    pub method: Method,
-    pub url: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Option<Vec<u8>>,
-}
-
-/// A rendered postback: the request that is sent and the same request as people see it,
-/// with every secret shown as `***` in whatever form its template put it (encoded,
-/// escaped, filtered, inside an `authorization` header).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rendered {
-    pub request: Request,
-    /// None when the postback places no secret: then it is shown as it is sent.
-    shown: Option<Request>,
-}
-
-impl Rendered {
-    /// The request for logs, the delivery log and the tools.
-    pub fn shown(&self) -> &Request {
-        self.shown.as_ref().unwrap_or(&self.request)
-    }
-
-    /// Signs the request the Standard Webhooks way, as message `id` sent at `timestamp`
-    /// (unix seconds): `webhook-id`, `webhook-timestamp` and `webhook-signature`, one
-    /// `v1,<base64 HMAC-SHA256 of id.timestamp.body>` per key. The shown request carries
-    /// the same headers (a signature reveals nothing of its key).
-    pub fn sign(&mut self, keys: &crate::plan::SigningKeys, id: &str, timestamp: i64) {
-        let headers = sign::standard_webhooks(&self.request, keys, id, timestamp);
-        for r in std::iter::once(&mut self.request).chain(self.shown.as_mut()) {
-            r.headers
-                .retain(|(k, _)| !sign::HEADERS.contains(&k.to_ascii_lowercase().as_str()));
-            r.headers.extend(headers.iter().cloned());
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum RenderError {
-    #[error("{part}: {message}")]
-    Template { part: String, message: String },
-    /// The url as shown (secrets masked).
-    #[error("rendered url `{0}` is not a valid http(s) url")]
-    BadUrl(String),
-    #[error("header `{0}` would contain a line break")]
-    BadHeader(String),
-}
-
-fn render_part(
-    engine: &Engine,
-    part: &str,
-    id: &template::TemplateId,
-    ctx: &Value,
-) -> Result<String, RenderError> {
-    engine
-        .render(id, ctx)
-        .map_err(|message| RenderError::Template {
-            part: part.to_string(),
-            message,
-        })
-}
-
-/// Renders one entry's postback for an event: what is sent, and what is shown.
-/// Whether every template of the entry's postback is bounded (the simple path, or minijinja
-/// without a loop or a macro): then rendering costs microseconds, in proportion to the
-/// template and the event, and needs no thread of its own.
-pub fn is_cheap(plan: &Plan, entry: &Entry) -> bool {
-    fn json(engine: &template::Engine, t: &crate::plan::JsonTemplate) -> bool {
-        use crate::plan::JsonTemplate as J;
-        match t {
-            J::Static(_) => true,
-            J::Text(id) | J::Whole(id) => engine.is_bounded(id),
-            J::Array(items) => items.iter().all(|i| json(engine, i)),
-            J::Object(fields) => fields.iter().all(|(_, v)| json(engine, v)),
-        }
-    }
-    let e = &plan.engine;
-    let http = &plan.postbacks[entry.postback].http;
-    e.is_bounded(&http.url)
-        && http.params.iter().all(|(_, t)| e.is_bounded(t))
-        && http.headers.iter().all(|(_, t)| e.is_bounded(t))
-        && match &http.body {
-            Body::None => true,
-            Body::Form(fields) => fields.iter().all(|(_, t)| e.is_bounded(t)),
-            Body::Json(j) => json(e, j),
-            Body::Raw { template, .. } => e.is_bounded(template),
-        }
-}
-
-pub fn render(plan: &Plan, entry: &Entry, event: &Event) -> Result<Rendered, RenderError> {
-    let has_secret = plan.postbacks[entry.postback].has_secret;
-    let request = match build(plan, entry, event, true) {
-        Ok(r) => r,
-        Err(RenderError::BadUrl(_)) if has_secret => {
-            let shown = build(plan, entry, event, false).map(|r| r.url);
-            return Err(RenderError::BadUrl(shown.unwrap_or_else(|_| "***".into())));
-        }
-        Err(e) => return Err(e),
-    };
-    let shown = if has_secret {
-        Some(build(plan, entry, event, false)?)
-    } else {
-        None
-    };
-    Ok(Rendered { request, shown })
-}
-
-/// The request with secrets revealed (to send) or shown as `***`. Only the one sent is
-/// checked for a valid url: a masked url (`***` for a secret that is the whole url) need
-/// not be one.
-fn build(plan: &Plan, entry: &Entry, event: &Event, reveal: bool) -> Result<Request, RenderError> {
-    let pb = &plan.postbacks[entry.postback];
-    let http = &pb.http;
-    let (vars, secrets) = if reveal {
-        (&entry.vars, Some(plan.template_secrets.clone()))
-    } else {
-        (entry.shown_vars.as_ref().unwrap_or(&entry.vars), None)
-    };
-    let ctx = event_context(event, Some(vars), &pb.id, secrets);
-    let engine = &plan.engine;
-    let mut url = render_part(engine, "url", &http.url, &ctx)?;
-    if !http.params.is_empty() {
-        let mut ser = form_urlencoded::Serializer::new(String::new());
-        for (k, t) in &http.params {
-            ser.append_pair(k, &render_part(engine, &format!("params.{k}"), t, &ctx)?);
-        }
-        let q = ser.finish();
-        url.push(if url.contains('?') { '&' } else { '?' });
-        url.push_str(&q);
-    }
-    // The url as it goes on the wire: parsing drops tabs and line breaks and encodes what
-    // must be, so what is logged is what is sent.
-    match reqwest::Url::parse(&url) {
-        Ok(parsed)
-            if matches!(parsed.scheme(), "http" | "https") && parsed.host_str().is_some() =>
-        {
-            url = parsed.into();
-        }
-        _ if reveal => return Err(RenderError::BadUrl(url)),
-        _ => url = escape_controls(&url),
-    }
-    let mut headers = Vec::new();
-    for (k, t) in &http.headers {
-        let v = render_part(engine, &format!("headers.{k}"), t, &ctx)?;
-        if v.contains(['\r', '\n']) {
-            return Err(RenderError::BadHeader(k.clone()));
-        }
-        headers.push((k.clone(), v));
-    }
-    match &http.auth {
-        Some(Auth::Basic { masked: true, .. }) if !reveal => {
-            headers.push(("authorization".into(), "Basic ***".into()));
-        }
-        Some(Auth::Basic {
-            username, password, ..
-        }) => {
-            use base64::Engine as _;
-            let token =
-                base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
-            headers.push(("authorization".into(), format!("Basic {token}")));
-        }
-        Some(Auth::Bearer { token, shown }) => {
-            let t = if reveal { token } else { shown };
-            headers.push(("authorization".into(), format!("Bearer {t}")));
-        }
-        None => {}
-    }
-    let body = match &http.body {
-        Body::None => None,
-        Body::Form(fields) => {
-            let mut ser = form_urlencoded::Serializer::new(String::new());
-            for (k, t) in fields {
-                ser.append_pair(k, &render_part(engine, &format!("form.{k}"), t, &ctx)?);
-            }
-            set_content_type(&mut headers, "application/x-www-form-urlencoded");
-            Some(ser.finish().into_bytes())
-        }
-        Body::Json(j) => {
-            let mut out = String::new();
-            render_json(engine, j, &ctx, "json", &mut out)?;
-            set_content_type(&mut headers, "application/json");
-            Some(out.into_bytes())
-        }
-        Body::Raw {
-            template,
-            content_type,
-        } => {
-            let b = render_part(engine, "body", template, &ctx)?;
-            set_content_type(&mut headers, content_type);
-            Some(b.into_bytes())
-        }
-    };
-    // Some servers reject a POST without a length; send an explicit empty body.
-    let body = match body {
-        None if http.method != Method::Get => Some(Vec::new()),
-        b => b,
-    };
-    Ok(Request {
-        method: http.method,
-        url,
-        headers,
-        body,
-    })
-}
-
 /// Text with control characters written as escapes (`\r`, `\n`, `\u{1b}`), for logs: a
 /// value from a webhook cannot start a line of its own.
 pub fn escape_controls(s: &str) -> String {
@@ -445,63 +248,4 @@ pub fn escape_controls(s: &str) -> String {
             }
         })
         .collect()
-}
-
-fn set_content_type(headers: &mut Vec<(String, String)>, ct: &str) {
-    if !headers
-        .iter()
-        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-    {
-        headers.push(("content-type".into(), ct.into()));
-    }
-}
-
-/// Writes a JSON body. A string that was one whole expression is written as the JSON its
-/// value is (a number as its text, so an amount keeps every digit it arrived with), or as a
-/// string when it is not JSON.
-fn render_json(
-    engine: &Engine,
-    j: &JsonTemplate,
-    ctx: &Value,
-    path: &str,
-    out: &mut String,
-) -> Result<(), RenderError> {
-    let quoted = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
-    match j {
-        JsonTemplate::Static(v) => out.push_str(&v.to_string()),
-        JsonTemplate::Text(t) => out.push_str(&quoted(&render_part(engine, path, t, ctx)?)),
-        JsonTemplate::Whole(t) => {
-            let text = render_part(engine, path, t, ctx)?;
-            let trimmed = text.trim();
-            if !trimmed.is_empty() && serde_json::from_str::<serde::de::IgnoredAny>(trimmed).is_ok()
-            {
-                out.push_str(trimmed);
-            } else {
-                out.push_str(&quoted(&text));
-            }
-        }
-        JsonTemplate::Array(items) => {
-            out.push('[');
-            for (i, x) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                render_json(engine, x, ctx, &format!("{path}[{i}]"), out)?;
-            }
-            out.push(']');
-        }
-        JsonTemplate::Object(fields) => {
-            out.push('{');
-            for (i, (k, x)) in fields.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&quoted(k));
-                out.push(':');
-                render_json(engine, x, ctx, &format!("{path}.{k}"), out)?;
-            }
-            out.push('}');
-        }
-    }
-    Ok(())
 }

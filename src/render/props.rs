@@ -94,7 +94,7 @@ proptest! {
     ) {
         let src = expand_shorthand(&src);
         let ctx = context(clickid, email, phone);
-        for esc in [Escape::Url, Escape::Json, Escape::Plain] {
+        for esc in [Escape::Url, Escape::Json, Escape::Plain, Escape::Html] {
             let mut fast = Engine::new();
             let mut slow = Engine::jinja_only();
             match (fast.add(&src, esc), slow.add(&src, esc)) {

@@ -26,6 +26,8 @@ pub enum Escape {
     Json,
     /// Values are written as they are (headers, form values, JSON leaves).
     Plain,
+    /// Values are HTML-escaped (`&`, `<`, `>`, `"`, `'`): an e-mail's HTML body.
+    Html,
 }
 
 impl Escape {
@@ -34,6 +36,7 @@ impl Escape {
             Escape::Url => ".url",
             Escape::Json => ".json",
             Escape::Plain => ".txt",
+            Escape::Html => ".html",
         }
     }
 }
@@ -107,6 +110,8 @@ impl Engine {
                 AutoEscape::Custom("url")
             } else if name.ends_with(".json") {
                 AutoEscape::Json
+            } else if name.ends_with(".html") {
+                AutoEscape::Html
             } else {
                 AutoEscape::None
             }
@@ -115,6 +120,7 @@ impl Engine {
             let escape = match state.auto_escape() {
                 AutoEscape::Custom("url") => Escape::Url,
                 AutoEscape::Json => Escape::Json,
+                AutoEscape::Html => Escape::Html,
                 _ => Escape::Plain,
             };
             let mut s = String::new();
@@ -329,6 +335,18 @@ pub(crate) fn apply_escape(out: &mut String, value: &Value, escape: Escape) -> O
         Escape::Json => out.push_str(&serde_json::to_string(value).ok()?),
         Escape::Plain => {
             let _ = write!(out, "{value}");
+        }
+        Escape::Html => {
+            for c in value.to_string().chars() {
+                match c {
+                    '&' => out.push_str("&amp;"),
+                    '<' => out.push_str("&lt;"),
+                    '>' => out.push_str("&gt;"),
+                    '"' => out.push_str("&quot;"),
+                    '\'' => out.push_str("&#x27;"),
+                    c => out.push(c),
+                }
+            }
         }
     }
     Some(())

@@ -172,7 +172,7 @@ pub(super) const INDEXED: &[&str] = &[
 /// The host a postback sends to (empty for a postback the plan no longer has).
 fn destination_of(plan: &Plan, postback_id: &str) -> String {
     plan.postback(postback_id)
-        .map(|p| p.http.destination.clone())
+        .map(|p| p.action.destination().to_string())
         .unwrap_or_default()
 }
 
@@ -219,7 +219,7 @@ pub(super) fn claim(c: &Connection, spec: &ClaimSpec) -> rusqlite::Result<Claim>
         .plan
         .postbacks
         .iter()
-        .filter(|p| spec.caps.get(&p.http.destination) == Some(&0))
+        .filter(|p| spec.caps.get(p.action.destination()) == Some(&0))
         .map(|p| p.id.as_str())
         .collect();
     let mut caps = spec.caps.clone();

@@ -3,8 +3,8 @@
 //! entry per key, space-separated, so a receiver can verify with the old key or the new one
 //! while a key rotates.
 
+use super::http::SigningKeys;
 use super::Request;
-use crate::plan::SigningKeys;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 
@@ -53,7 +53,7 @@ mod tests {
             .decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
             .unwrap();
         let req = Request {
-            method: crate::plan::Method::Post,
+            method: super::super::Method::Post,
             url: "https://example.com/".into(),
             headers: Vec::new(),
             body: Some(br#"{"test": 2432232314}"#.to_vec()),
