@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests and end-to-end tests against the real binary, a real
-# Prometheus and promtool, and the Standard Webhooks reference library. Installs Prometheus
-# (Debian's package) and the library (PyPI) when they are missing.
+# Prometheus and promtool, the Standard Webhooks reference library and a real SMTP server
+# (aiosmtpd). Installs Prometheus (Debian's package), the library and aiosmtpd (PyPI) when
+# they are missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
@@ -19,6 +20,16 @@ fi
 if ! python3 -c "import standardwebhooks" 2>/dev/null; then
   echo "installing standardwebhooks (pip install standardwebhooks)" >&2
   python3 -m pip install -q --disable-pip-version-check standardwebhooks
+fi
+# A real SMTP server for the e-mail tests: aiosmtpd, for the python3 the tests run (PyPI;
+# Debian's python3-aiosmtpd when pip cannot).
+if ! python3 -c "import aiosmtpd" 2>/dev/null; then
+  echo "installing aiosmtpd (pip install aiosmtpd)" >&2
+  if ! python3 -m pip install -q --disable-pip-version-check aiosmtpd; then
+    sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-aiosmtpd >/dev/null
+  fi
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

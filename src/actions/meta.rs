@@ -153,7 +153,7 @@ impl Action for Meta {
         }
         let mut user = Map::new();
         for (k, t) in &self.user_data {
-            let v = s.text(&format!("user_data.{k}"), t)?;
+            let v = s.optional(&format!("user_data.{k}"), t)?;
             if HASHED.contains(&k.as_str()) {
                 if let Some(h) = hashed(k, &v) {
                     user.insert(k.clone(), json!([h]));

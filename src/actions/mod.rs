@@ -87,6 +87,17 @@ impl Scope<'_> {
             })
     }
 
+    /// An optional field: one that reads a parameter the event does not have renders
+    /// empty (and is left out) rather than failing the delivery.
+    pub fn optional(&self, part: &str, id: &TemplateId) -> Result<String, RenderError> {
+        match self.text(part, id) {
+            Err(RenderError::Template { message, .. }) if message.contains("undefined value") => {
+                Ok(String::new())
+            }
+            other => other,
+        }
+    }
+
     /// A literal value or its shown form.
     pub fn pick<'s>(&self, real: &'s str, shown: &'s str) -> &'s str {
         if self.reveal {
@@ -402,7 +413,8 @@ pub fn destination_of(url: &str) -> String {
     host.to_ascii_lowercase()
 }
 
-/// Renders a map of templates into a JSON object, leaving out fields that render empty; a
+/// Renders a map of templates into a JSON object, leaving out fields that render empty (or
+/// read a parameter the event lacks); a
 /// value that reads as a JSON number is written as one when `numbers` says so.
 pub fn json_fields(
     s: &Scope,
@@ -412,7 +424,7 @@ pub fn json_fields(
 ) -> Result<serde_json::Map<String, serde_json::Value>, RenderError> {
     let mut out = serde_json::Map::new();
     for (k, t) in fields {
-        let v = s.text(&format!("{part}.{k}"), t)?;
+        let v = s.optional(&format!("{part}.{k}"), t)?;
         if v.is_empty() {
             continue;
         }

@@ -92,7 +92,7 @@ impl Action for TikTok {
         }
         let mut user = Map::new();
         for (k, t) in &self.user {
-            let v = s.text(&format!("user.{k}"), t)?;
+            let v = s.optional(&format!("user.{k}"), t)?;
             if HASHED.contains(&k.as_str()) {
                 if let Some(h) = hashed(k, &v) {
                     user.insert(k.clone(), h.into());

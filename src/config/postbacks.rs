@@ -79,8 +79,13 @@ impl Compiler {
             {
                 continue;
             }
-            let hint = suggest(head, CANONICAL.iter().chain(EXTRA_NAMES).copied())
-                .or_else(|| Some(format!("use a canonical field, `params.{head}` for a raw parameter the tracker sends, or declare it: `macros: [{head}]` in a rule file or its source")));
+            let declare = format!("declare it (`macros: [{head}]` in a rule file or its source) to read the parameter trackers send under that name");
+            let hint = Some(
+                match suggest(head, CANONICAL.iter().chain(EXTRA_NAMES).copied()) {
+                    Some(s) => format!("{s} Or, if it is not a typo, {declare}"),
+                    None => format!("use a canonical field, `params.{head}`, or {declare}"),
+                },
+            );
             self.err(
                 cx,
                 at,

@@ -5,8 +5,8 @@ use crate::support::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-const TOKEN: &str = "test-admin-token-0123456789";
-const WAIT: Duration = Duration::from_secs(15);
+pub(crate) const TOKEN: &str = "test-admin-token-0123456789";
+pub(crate) const WAIT: Duration = Duration::from_secs(15);
 
 fn conversions(n: usize, prefix: &str) -> Value {
     Value::Array(
@@ -16,7 +16,7 @@ fn conversions(n: usize, prefix: &str) -> Value {
     )
 }
 
-async fn post_events(d: &Daemon, events: Value) -> Value {
+pub(crate) async fn post_events(d: &Daemon, events: Value) -> Value {
     let (code, body) = send_json(client().post(d.url("/v1/events")).json(&events)).await;
     assert_eq!(code, 200, "{body}");
     body
@@ -32,7 +32,7 @@ fn first_deliveries(body: &Value) -> Vec<i64> {
         .collect()
 }
 
-fn api(d: &Daemon, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+pub(crate) fn api(d: &Daemon, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
     client().request(method, d.url(path)).bearer_auth(TOKEN)
 }
 
@@ -351,7 +351,7 @@ async fn retention_prunes_finished_deliveries_only() {
     assert_eq!(ids, [failing], "{body}");
 }
 
-async fn wait_state(d: &Daemon, id: i64, state: &str) -> Value {
+pub(crate) async fn wait_state(d: &Daemon, id: i64, state: &str) -> Value {
     let start = Instant::now();
     loop {
         let (code, body) = send_json(api(

@@ -1,5 +1,6 @@
 //! End-to-end tests: the real binary, real sockets, real files.
 
+mod actions;
 mod check;
 mod connections;
 mod delivery;
