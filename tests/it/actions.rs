@@ -319,13 +319,7 @@ async fn twilio_gets_a_form_with_basic_auth_and_its_error_codes_decide() {
         "twilio error 21211: The 'To' number +15005550001 is not a valid phone number."
     );
     // The auth token never shows.
-    assert_eq!(
-        dead["attempt_log"][0]["url"]
-            .as_str()
-            .unwrap()
-            .contains("your_auth_token"),
-        false
-    );
+    assert!(!dead.to_string().contains("your_auth_token"), "{dead}");
 }
 
 fn meta_rules(endpoint: &str) -> String {
