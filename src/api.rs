@@ -309,13 +309,18 @@ async fn test(
         .send
         .then(|| crate::deliver::client(&plan.settings.delivery.user_agent, egress.clone()));
     let mailer = crate::actions::email::Mailer::default();
+    let appender = crate::actions::sheets::Appender::default();
     let mut out = Vec::new();
     for f in &fired {
         let mut v = json!(crate::simulate::FiredJson::new(f));
         if let (Some(c), Ok(r)) = (&client, &f.request) {
-            let tried =
-                crate::deliver::send_once(c, &egress, &mailer, &plan, &f.postback, &r.message)
-                    .await;
+            let t = crate::deliver::Transports {
+                client: c,
+                egress: &egress,
+                mailer: &mailer,
+                appender: &appender,
+            };
+            let tried = crate::deliver::send_once(&t, &plan, &f.postback, &r.message).await;
             tracing::info!(postback = %f.postback, outcome = %tried.outcome, "test postback sent by hand");
             v["answer"] = json!(tried);
         }

@@ -16,6 +16,7 @@ pub mod ga4;
 pub mod http;
 pub mod meta;
 pub mod outcome;
+pub mod sheets;
 pub mod sign;
 pub mod slack;
 pub mod telegram;
@@ -30,8 +31,8 @@ use serde_saphyr::Spanned;
 use std::time::Duration;
 
 /// Every action kind, by the key a postback writes it under.
-pub const KINDS: [&str; 8] = [
-    "http", "email", "slack", "telegram", "twilio", "meta", "ga4", "tiktok",
+pub const KINDS: [&str; 9] = [
+    "http", "email", "slack", "telegram", "twilio", "meta", "ga4", "tiktok", "sheets",
 ];
 
 /// A compiled action: what one postback sends and how its answer is judged.
@@ -42,6 +43,12 @@ pub trait Action: std::fmt::Debug + Send + Sync {
     fn destination(&self) -> &str;
     /// Its own timeout, if it sets one (else `delivery.timeout`).
     fn timeout(&self) -> Option<Duration> {
+        None
+    }
+    /// Attempts in flight to its destination at once, when the kind needs more than
+    /// `delivery.per_destination` (Sheets batches rows: a batch can only be as large as
+    /// the attempts waiting in it). `delivery.destinations` overrides it.
+    fn concurrency(&self) -> Option<usize> {
         None
     }
     /// Every template it renders (to know whether rendering is cheap).
@@ -181,6 +188,8 @@ impl Request {
 pub enum Message {
     Http(Request),
     Mail(Box<email::Mail>),
+    /// A row appended to a spreadsheet, batched with others bound for the same range.
+    Rows(Box<sheets::Row>),
 }
 
 impl Message {
@@ -189,6 +198,7 @@ impl Message {
         match self {
             Message::Http(r) => r.method.as_str(),
             Message::Mail(_) => "SMTP",
+            Message::Rows(_) => "POST",
         }
     }
 
@@ -197,6 +207,7 @@ impl Message {
         match self {
             Message::Http(r) => &r.url,
             Message::Mail(m) => &m.target,
+            Message::Rows(r) => &r.url,
         }
     }
 
@@ -205,6 +216,7 @@ impl Message {
         match self {
             Message::Http(r) => &r.headers,
             Message::Mail(m) => &m.headers,
+            Message::Rows(r) => &r.headers,
         }
     }
 
@@ -213,14 +225,15 @@ impl Message {
         match self {
             Message::Http(r) => r.body.as_deref(),
             Message::Mail(m) => Some(m.text.as_bytes()),
+            Message::Rows(r) => Some(&r.body),
         }
     }
 
     /// A mail's HTML body.
     pub fn html(&self) -> Option<&str> {
         match self {
-            Message::Http(_) => None,
             Message::Mail(m) => m.html.as_deref(),
+            _ => None,
         }
     }
 
@@ -277,6 +290,7 @@ impl Rendered {
 pub enum Answer {
     Http(Result<HttpAnswer, SendError>),
     Mail(Result<String, email::MailError>),
+    Rows(sheets::Appended),
 }
 
 impl Answer {
@@ -284,7 +298,7 @@ impl Answer {
     pub fn http(self) -> Result<HttpAnswer, Outcome> {
         match self {
             Answer::Http(r) => outcome::answered(r),
-            Answer::Mail(_) => Err(Outcome::Other("an e-mail answer for an HTTP action".into())),
+            _ => Err(Outcome::Other("not an HTTP answer".into())),
         }
     }
 }

@@ -165,6 +165,13 @@ pub fn fire(
     let plan = plan.load_full();
     let client = crate::deliver::client(&plan.settings.delivery.user_agent, egress.clone());
     let mailer = crate::actions::email::Mailer::default();
+    let appender = crate::actions::sheets::Appender::default();
+    let transports = crate::deliver::Transports {
+        client: &client,
+        egress: &egress,
+        mailer: &mailer,
+        appender: &appender,
+    };
     let mut failed = false;
     let mut out = Vec::new();
     for f in &fired {
@@ -179,9 +186,7 @@ pub fn fire(
         };
         if send {
             let t = rt.block_on(crate::deliver::send_once(
-                &client,
-                &egress,
-                &mailer,
+                &transports,
                 &plan,
                 &f.postback,
                 &rendered.message,

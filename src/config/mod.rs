@@ -175,6 +175,19 @@ pub fn load_dir(dir: &Path) -> Result<Plan, ConfigErrors> {
         }
     }
     c.check_destination_keys(&settings_file);
+    let mut settings = settings;
+    for p in &c.postbacks {
+        if let Some(n) = p.action.concurrency() {
+            let d = settings
+                .delivery
+                .destinations
+                .entry(p.action.destination().to_string())
+                .or_default();
+            if d.concurrency.is_none() {
+                d.concurrency = Some(n.max(settings.delivery.per_destination));
+            }
+        }
+    }
     c.check_retention(&settings);
     if !c.errors.is_empty() {
         c.errors

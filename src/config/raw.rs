@@ -273,6 +273,7 @@ pub struct RawPostback {
     pub meta: Option<actions::meta::Raw>,
     pub ga4: Option<actions::ga4::Raw>,
     pub tiktok: Option<actions::tiktok::Raw>,
+    pub sheets: Option<actions::sheets::Raw>,
 }
 
 impl RawPostback {
@@ -293,6 +294,7 @@ impl RawPostback {
             one(actions::meta::KIND, &self.meta),
             one(actions::ga4::KIND, &self.ga4),
             one(actions::tiktok::KIND, &self.tiktok),
+            one(actions::sheets::KIND, &self.sheets),
         ]
         .into_iter()
         .flatten()

@@ -14,6 +14,7 @@ pub mod schedule;
 pub use prune::prune_loop;
 
 use crate::actions::email::Mailer;
+use crate::actions::sheets::Appender;
 use crate::actions::{self, Answer, HttpAnswer, Message, Request, SendError};
 use crate::plan::Plan;
 use crate::store::{Attempt, Claimed, Next, Store};
@@ -41,6 +42,8 @@ pub struct Deliverer {
     pub egress: egress::Egress,
     /// SMTP connections for e-mail actions, pooled per relay.
     pub mailer: Mailer,
+    /// Spreadsheet rows waiting for their batch, and service-account tokens.
+    pub appender: Appender,
     /// The destinations paused now: (destination, since when in unix ms, failures in a row).
     pub paused: Paused,
 }
@@ -74,6 +77,7 @@ impl Deliverer {
             client: client(&ua, egress.clone()),
             egress,
             mailer: Mailer::default(),
+            appender: Appender::default(),
             paused: Paused::default(),
         }
     }
@@ -256,7 +260,13 @@ impl Deliverer {
     /// Sends one message by its transport: HTTP through the client, mail through the
     /// relay's pool.
     pub async fn send(&self, m: &Message, timeout: Duration) -> Answer {
-        send(&self.client, &self.egress, &self.mailer, m, timeout).await
+        let t = Transports {
+            client: &self.client,
+            egress: &self.egress,
+            mailer: &self.mailer,
+            appender: &self.appender,
+        };
+        send(&t, m, timeout).await
     }
 }
 
@@ -269,17 +279,28 @@ fn cut(s: &str, limit: usize) -> String {
     s[..end].to_string()
 }
 
+/// What sends messages: the HTTP client behind the egress policy, the SMTP pools, the
+/// spreadsheet batches.
+pub struct Transports<'a> {
+    pub client: &'a reqwest::Client,
+    pub egress: &'a egress::Egress,
+    pub mailer: &'a Mailer,
+    pub appender: &'a Appender,
+}
+
 /// Sends one message and returns what came back.
-pub async fn send(
-    client: &reqwest::Client,
-    egress: &egress::Egress,
-    mailer: &Mailer,
-    m: &Message,
-    timeout: Duration,
-) -> Answer {
+pub async fn send(t: &Transports<'_>, m: &Message, timeout: Duration) -> Answer {
     match m {
-        Message::Http(r) => Answer::Http(send_request(client, egress, r, timeout).await),
-        Message::Mail(mail) => Answer::Mail(mailer.send(mail, timeout).await),
+        Message::Http(r) => Answer::Http(send_request(t.client, t.egress, r, timeout).await),
+        Message::Mail(mail) => Answer::Mail(t.mailer.send(mail, timeout).await),
+        Message::Rows(row) => {
+            let (client, egress) = (t.client.clone(), t.egress.clone());
+            let send: actions::sheets::Send = Arc::new(move |req, timeout| {
+                let (client, egress) = (client.clone(), egress.clone());
+                Box::pin(async move { send_request(&client, &egress, &req, timeout).await })
+            });
+            Answer::Rows(t.appender.append(row, send, timeout).await)
+        }
     }
 }
 
@@ -388,9 +409,7 @@ pub struct Tried {
 /// answer by the postback's own rules (`fire --send`, `POST /api/v1/test`). An action with
 /// a validation endpoint (GA4) sends there instead.
 pub async fn send_once(
-    client: &reqwest::Client,
-    egress: &egress::Egress,
-    mailer: &Mailer,
+    t: &Transports<'_>,
     plan: &Plan,
     postback_id: &str,
     message: &Message,
@@ -417,7 +436,7 @@ pub async fn send_once(
         rendered.sign(keys, &id, crate::now_ms() / 1000);
     }
     let t0 = Instant::now();
-    let answer = send(client, egress, mailer, &rendered.message, timeout).await;
+    let answer = send(t, &rendered.message, timeout).await;
     let duration_ms = t0.elapsed().as_millis() as u64;
     let out = pb.action.judge_test(answer);
     let (status, body, error) = out.parts();
