@@ -217,12 +217,15 @@ pub type Send = Arc<
         + Sync,
 >;
 
+/// One row waiting, and where its answer goes.
+type Pending = (Vec<String>, oneshot::Sender<Appended>);
+
 /// Rows waiting for their batch, by append URL.
 #[derive(Default)]
 struct Waiting {
     /// Each batch's number, so a timer that wakes after its batch left does nothing.
     next: u64,
-    batches: HashMap<String, (u64, Vec<(Vec<String>, oneshot::Sender<Appended>)>)>,
+    batches: HashMap<String, (u64, Vec<Pending>)>,
 }
 
 /// Batches rows per range and appends them; caches access tokens per service account.
@@ -281,13 +284,7 @@ impl Appender {
         }
     }
 
-    async fn flush(
-        &self,
-        row: &Row,
-        rows: Vec<(Vec<String>, oneshot::Sender<Appended>)>,
-        send: Send,
-        timeout: Duration,
-    ) {
+    async fn flush(&self, row: &Row, rows: Vec<Pending>, send: Send, timeout: Duration) {
         let (values, senders): (Vec<_>, Vec<_>) = rows.into_iter().unzip();
         let answer = self.send_batch(row, values, &send, timeout).await;
         for s in senders {
