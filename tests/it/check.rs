@@ -12,8 +12,8 @@ fn every_shipped_config_passes_check() {
         }
     }
     assert!(
-        dirs.len() >= 6,
-        "config/ and five examples expected, found {dirs:?}"
+        dirs.len() >= 15,
+        "config/ and fourteen examples expected (five use cases, nine action kinds), found {dirs:?}"
     );
     for d in dirs {
         let (code, out, err) = run_cli(&["check", d.to_str().unwrap()]);
