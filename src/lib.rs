@@ -25,6 +25,7 @@ pub mod render;
 pub mod server;
 pub mod simulate;
 pub mod store;
+pub mod suggest;
 pub mod telemetry;
 pub mod testing;
 pub mod tls;

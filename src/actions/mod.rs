@@ -237,17 +237,28 @@ impl Message {
         }
     }
 
-    /// The body as the delivery log keeps it: text, then the HTML part for mail.
+    /// The body as the delivery log keeps it. A mail's is the whole message as rendered:
+    /// its headers, a blank line, the text, then the HTML part.
     pub fn logged_body(&self) -> Option<String> {
-        let mut b = self
+        let body = self
             .body()
             .filter(|b| !b.is_empty())
-            .map(|b| String::from_utf8_lossy(b).into_owned())?;
-        if let Some(h) = self.html() {
-            b.push_str("\n\n--- html ---\n");
-            b.push_str(h);
+            .map(|b| String::from_utf8_lossy(b).into_owned());
+        let Message::Mail(m) = self else {
+            return body;
+        };
+        let mut out: String = m
+            .headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\n"))
+            .collect();
+        out.push('\n');
+        out.push_str(&body.unwrap_or_default());
+        if let Some(h) = &m.html {
+            out.push_str("\n\n--- html ---\n");
+            out.push_str(h);
         }
-        Some(b)
+        Some(out)
     }
 }
 

@@ -226,7 +226,7 @@ pub fn compile(b: &mut dyn Build, r: &Raw) -> Option<TikTok> {
     for k in r.user.keys() {
         if !HASHED.contains(&k.as_str()) && !PLAIN.contains(&k.as_str()) {
             let known = HASHED.iter().chain(PLAIN.iter()).copied();
-            let hint = crate::config::suggest(k, known).unwrap_or_else(|| {
+            let hint = crate::suggest::suggest(k, known).unwrap_or_else(|| {
                 format!(
                     "TikTok's user fields are {} (hashed here) and {}",
                     HASHED.join(", "),

@@ -80,9 +80,16 @@ impl Compiler {
                 continue;
             }
             let declare = format!("declare it (`macros: [{head}]` in a rule file or its source) to read the parameter trackers send under that name");
+            // A name one or two letters off is a typo; one further off may be a field of
+            // the tracker's own, which a declaration makes readable.
+            let typo = CANONICAL
+                .iter()
+                .chain(EXTRA_NAMES)
+                .any(|k| strsim::levenshtein(head, k) <= 2);
             let hint = Some(
                 match suggest(head, CANONICAL.iter().chain(EXTRA_NAMES).copied()) {
-                    Some(s) => format!("{s} Or, if it is not a typo, {declare}"),
+                    Some(s) if typo => s,
+                    Some(s) => format!("{s} Or, if it is the tracker's own field, {declare}"),
                     None => format!("use a canonical field, `params.{head}`, or {declare}"),
                 },
             );

@@ -191,7 +191,7 @@ impl Engine {
                 "length",
                 "tojson",
             ]);
-            let hint = crate::config::suggest(&bad, known)
+            let hint = crate::suggest::suggest(&bad, known)
                 .map(|s| format!(" (did you mean `{s}`?)"))
                 .unwrap_or_default();
             return Err(format!("unknown filter `{bad}`{hint}"));

@@ -601,7 +601,15 @@ async fn ga4_collects_and_a_test_send_goes_to_the_validation_endpoint() {
         ),
         "{f}"
     );
-    assert_eq!(ga.on_path("/debug/mp/collect").len(), 1);
+    // POST /api/v1/test with "send": the same, from the running daemon.
+    let (code, body) = send_json(api(&d, reqwest::Method::POST, "/api/v1/test").json(&json!({
+        "event": {"clickid": "c3", "status": "approved", "currency": "USD", "cid": "1.3"}, "send": true
+    })))
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["fired"][0]["kind"], "ga4");
+    assert_eq!(body["fired"][0]["answer"]["outcome"], "delivered", "{body}");
+    assert_eq!(ga.on_path("/debug/mp/collect").len(), 2);
     assert_eq!(
         ga.on_path("/mp/collect").len(),
         1,
@@ -846,12 +854,14 @@ async fn email_reaches_a_real_smtp_server_a_550_is_dead_and_a_down_relay_is_wait
     assert_eq!(log[0]["outcome"], "connect");
     let last = log.last().unwrap();
     assert_eq!(last["method"], "SMTP");
+    let logged = last["request_body"].as_str().unwrap();
     assert!(
-        last["request_body"]
-            .as_str()
-            .unwrap()
-            .contains("--- html ---"),
-        "{last}"
+        logged.starts_with(
+            "From: Postbacks <postbacks@network.example>\nTo: aff42@partner.example\n"
+        ) && logged
+            .contains("Subject: Conversion T-1 approved: 7 EUR\n\nAffiliate <42> earned 7 EUR.")
+            && logged.contains("--- html ---\n<p>Affiliate <b>&lt;42&gt;</b>"),
+        "the log keeps the message as rendered: {logged}"
     );
 
     // An unknown user: 550, dead after one attempt, with the server's reply.
