@@ -5,7 +5,7 @@
 //! A 4xx reply or a lost connection is tried again; a 5xx reply is final, with the
 //! server's reply in the log.
 
-use super::{Action, Answer, Build, Message, Outcome, RenderError, Scope};
+use super::{Action, Answer, Build, Message, Outcome, RenderError, Scope, Target};
 use crate::render::template::{Escape, TemplateId};
 use lettre::message::{header::ContentType, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
@@ -80,7 +80,7 @@ pub struct Relay {
 #[derive(Debug)]
 pub struct Email {
     relay: Relay,
-    destination: String,
+    target: Target,
     from: TemplateId,
     to: TemplateId,
     cc: Option<TemplateId>,
@@ -89,7 +89,6 @@ pub struct Email {
     subject: TemplateId,
     text: TemplateId,
     html: Option<TemplateId>,
-    timeout: Option<Duration>,
 }
 
 /// A rendered mail: addresses checked, headers as shown.
@@ -125,11 +124,8 @@ impl Action for Email {
     fn kind(&self) -> &'static str {
         KIND
     }
-    fn destination(&self) -> &str {
-        &self.destination
-    }
-    fn timeout(&self) -> Option<Duration> {
-        self.timeout
+    fn target(&self) -> &Target {
+        &self.target
     }
     fn templates(&self) -> Vec<&TemplateId> {
         let mut v = vec![&self.from, &self.to, &self.subject, &self.text];
@@ -338,7 +334,10 @@ pub fn compile(b: &mut dyn Build, r: &Raw) -> Option<Email> {
             tls,
             login,
         },
-        destination,
+        target: Target {
+            destination,
+            timeout,
+        },
         from: from?,
         to: to?,
         cc,
@@ -347,7 +346,6 @@ pub fn compile(b: &mut dyn Build, r: &Raw) -> Option<Email> {
         subject: subject?,
         text: text?,
         html,
-        timeout,
     })
 }
 

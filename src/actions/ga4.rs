@@ -4,13 +4,12 @@
 //! goes to the validation endpoint (`/debug/mp/collect`) and shows its
 //! `validationMessages`.
 
-use super::{Action, Answer, Build, Message, Outcome, RenderError, Request, Scope};
+use super::{Action, Answer, Build, Message, Outcome, RenderError, Request, Scope, Target};
 use crate::render::template::TemplateId;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 pub const KIND: &str = "ga4";
 pub const ENDPOINT: &str = "https://www.google-analytics.com";
@@ -84,7 +83,7 @@ pub struct Raw {
 #[derive(Debug)]
 pub struct Ga4 {
     endpoint: String,
-    destination: String,
+    target: Target,
     measurement_id: String,
     secret: (String, String),
     client_id: Option<TemplateId>,
@@ -92,7 +91,6 @@ pub struct Ga4 {
     event: TemplateId,
     params: Vec<(String, TemplateId)>,
     timestamp_micros: Option<TemplateId>,
-    timeout: Option<Duration>,
 }
 
 impl Ga4 {
@@ -119,11 +117,8 @@ impl Action for Ga4 {
     fn kind(&self) -> &'static str {
         KIND
     }
-    fn destination(&self) -> &str {
-        &self.destination
-    }
-    fn timeout(&self) -> Option<Duration> {
-        self.timeout
+    fn target(&self) -> &Target {
+        &self.target
     }
     fn templates(&self) -> Vec<&TemplateId> {
         let mut v = vec![&self.event];
@@ -326,7 +321,10 @@ pub fn compile(b: &mut dyn Build, r: &Raw) -> Option<Ga4> {
     let timestamp_micros = b.template_opt(r.timestamp_micros.as_ref());
     let timeout = r.timeout.as_ref().and_then(|t| b.duration(t));
     Some(Ga4 {
-        destination: super::destination_of(&endpoint),
+        target: Target {
+            destination: super::destination_of(&endpoint),
+            timeout,
+        },
         endpoint,
         measurement_id,
         secret: secret?,
@@ -335,7 +333,6 @@ pub fn compile(b: &mut dyn Build, r: &Raw) -> Option<Ga4> {
         event: event?,
         params,
         timestamp_micros,
-        timeout,
     })
 }
 

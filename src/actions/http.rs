@@ -2,12 +2,11 @@
 //! or raw body, basic or bearer auth, Standard Webhooks signing, and what counts as success.
 //! The URL's scheme and host are written in the rule, never rendered from event data.
 
-use super::{Action, Answer, Build, Message, Method, Outcome, RenderError, Request, Scope};
+use super::{Action, Answer, Build, Message, Method, Outcome, RenderError, Request, Scope, Target};
 use crate::render::template::{expand_shorthand, Escape, TemplateId};
 use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 pub const KIND: &str = "http";
 
@@ -69,14 +68,13 @@ pub struct RawSuccess {
 #[derive(Debug)]
 pub struct Http {
     pub method: Method,
-    /// The host (or `host:port`) the URL is sent to, as written in the rule.
-    pub destination: String,
+    /// The host the URL is sent to, as written in the rule, and its own timeout.
+    pub target: Target,
     pub url: TemplateId,
     pub params: Vec<(String, TemplateId)>,
     pub headers: Vec<(String, TemplateId)>,
     pub body: Body,
     pub auth: Option<Auth>,
-    pub timeout: Option<Duration>,
     pub success: Success,
     /// Standard Webhooks signing keys (decoded from `whsec_…`), newest first.
     pub sign: Option<SigningKeys>,
@@ -139,11 +137,8 @@ impl Action for Http {
     fn kind(&self) -> &'static str {
         KIND
     }
-    fn destination(&self) -> &str {
-        &self.destination
-    }
-    fn timeout(&self) -> Option<Duration> {
-        self.timeout
+    fn target(&self) -> &Target {
+        &self.target
     }
     fn templates(&self) -> Vec<&TemplateId> {
         let json = json_templates;
@@ -526,13 +521,15 @@ pub fn compile(b: &mut dyn Build, h: &Raw) -> Option<Http> {
     Some(Http {
         sign,
         method,
-        destination: super::destination_of(&url_text),
+        target: Target {
+            destination: super::destination_of(&url_text),
+            timeout,
+        },
         url: url?,
         params,
         headers,
         body,
         auth,
-        timeout,
         success,
     })
 }

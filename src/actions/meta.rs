@@ -9,7 +9,7 @@
 //! 5xx are tried again, anything else is final. An event older than Meta's 7-day window is
 //! dead before it is sent.
 
-use super::{Action, Answer, Build, Message, Outcome, RenderError, Request, Scope};
+use super::{Action, Answer, Build, Message, Outcome, RenderError, Request, Scope, Target};
 use crate::render::template::{Escape, TemplateId};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -95,7 +95,7 @@ const ACTION_SOURCES: [&str; 9] = [
 #[derive(Debug)]
 pub struct Meta {
     url: String,
-    destination: String,
+    target: Target,
     token: (String, String),
     event_name: TemplateId,
     event_time: TemplateId,
@@ -105,18 +105,14 @@ pub struct Meta {
     user_data: Vec<(String, TemplateId)>,
     custom_data: Vec<(String, TemplateId)>,
     test_event_code: Option<String>,
-    timeout: Option<Duration>,
 }
 
 impl Action for Meta {
     fn kind(&self) -> &'static str {
         KIND
     }
-    fn destination(&self) -> &str {
-        &self.destination
-    }
-    fn timeout(&self) -> Option<Duration> {
-        self.timeout
+    fn target(&self) -> &Target {
+        &self.target
     }
     fn templates(&self) -> Vec<&TemplateId> {
         let mut v = vec![&self.event_name, &self.event_time, &self.event_id];
@@ -151,17 +147,7 @@ impl Action for Meta {
                 event.insert("event_source_url".into(), u.into());
             }
         }
-        let mut user = Map::new();
-        for (k, t) in &self.user_data {
-            let v = s.optional(&format!("user_data.{k}"), t)?;
-            if HASHED.contains(&k.as_str()) {
-                if let Some(h) = hashed(k, &v) {
-                    user.insert(k.clone(), json!([h]));
-                }
-            } else if !v.trim().is_empty() {
-                user.insert(k.clone(), v.trim().into());
-            }
-        }
+        let user = customer(s, "user_data", &self.user_data, &HASHED, hashed, true)?;
         event.insert("user_data".into(), Value::Object(user));
         let custom = super::json_fields(s, "custom_data", &self.custom_data, true)?;
         if !custom.is_empty() {
@@ -179,10 +165,7 @@ impl Action for Meta {
         Ok(Message::Http(Request::json(url, Vec::new(), &body)))
     }
     fn judge(&self, answer: Answer) -> Outcome {
-        match answer.http() {
-            Ok(a) => judge(a),
-            Err(o) => o,
-        }
+        super::judge_http(answer, judge)
     }
 }
 
@@ -236,6 +219,75 @@ pub fn judge(a: super::HttpAnswer) -> Outcome {
         retryable: transient || super::outcome::status_retryable(a.status),
         retry_after: a.retry_after,
     }
+}
+
+/// `event_time` and `event_id` as written, or their defaults: the event's own time, and its
+/// transaction id (else its click id), so a platform drops the repeat of a conversion.
+pub(super) fn event_keys(
+    b: &mut dyn Build,
+    near: &Spanned<String>,
+    time: Option<&Spanned<String>>,
+    id: Option<&Spanned<String>>,
+) -> (Option<TemplateId>, Option<TemplateId>) {
+    let mut one = |given: Option<&Spanned<String>>, default: &str| match given {
+        Some(t) => b.template(t),
+        None => {
+            let at = Spanned::new(default.to_string(), near.referenced, near.defined);
+            b.compile(&at, default, Escape::Plain, false)
+        }
+    };
+    let time = one(time, "{{ timestamp }}");
+    let id = one(id, "{{ transaction_id or clickid or '' }}");
+    (time, id)
+}
+
+/// Refuses the fields of a customer block (`meta.user_data`, `tiktok.user`) the API does
+/// not know, with the nearest known name.
+pub(super) fn known_fields(
+    b: &mut dyn Build,
+    what: &str,
+    fields: &BTreeMap<String, Spanned<String>>,
+    hashed: &[&str],
+    plain: &[&str],
+) {
+    for (k, at) in fields {
+        if hashed.contains(&k.as_str()) || plain.contains(&k.as_str()) {
+            continue;
+        }
+        let known = hashed.iter().chain(plain).copied();
+        let hint = crate::suggest::suggest(k, known).unwrap_or_else(|| {
+            format!(
+                "its fields are {} (hashed here) and {}",
+                hashed.join(", "),
+                plain.join(", ")
+            )
+        });
+        b.error(at, format!("{what}: unknown field `{k}`"), Some(&hint));
+    }
+}
+
+/// A customer block rendered: the `hashed` fields through `hash` (left out when empty,
+/// each in a one-element list when `list`), the others trimmed, empty ones left out.
+pub(super) fn customer(
+    s: &Scope,
+    part: &str,
+    fields: &[(String, TemplateId)],
+    hashed: &[&str],
+    hash: fn(&str, &str) -> Option<String>,
+    list: bool,
+) -> Result<Map<String, Value>, RenderError> {
+    let mut out = Map::new();
+    for (k, t) in fields {
+        let v = s.optional(&format!("{part}.{k}"), t)?;
+        if hashed.contains(&k.as_str()) {
+            if let Some(h) = hash(k, &v) {
+                out.insert(k.clone(), if list { json!([h]) } else { h.into() });
+            }
+        } else if !v.trim().is_empty() {
+            out.insert(k.clone(), v.trim().into());
+        }
+    }
+    Ok(out)
 }
 
 /// Unix seconds from a rendered time: seconds, milliseconds, or a date and time.
@@ -360,29 +412,8 @@ pub fn compile(b: &mut dyn Build, r: &Raw) -> Option<Meta> {
         }
     }
     let event_name = b.template(&r.event_name);
-    let default = |src: &str| {
-        Spanned::new(
-            src.to_string(),
-            r.event_name.referenced,
-            r.event_name.defined,
-        )
-    };
-    let event_time = match &r.event_time {
-        Some(t) => b.template(t),
-        None => b.compile(
-            &default("{timestamp}"),
-            "{{ timestamp }}",
-            Escape::Plain,
-            false,
-        ),
-    };
-    let event_id = match &r.event_id {
-        Some(t) => b.template(t),
-        None => {
-            let src = "{{ transaction_id or clickid or '' }}";
-            b.compile(&default(src), src, Escape::Plain, false)
-        }
-    };
+    let (event_time, event_id) =
+        event_keys(b, &r.event_name, r.event_time.as_ref(), r.event_id.as_ref());
     let action_source = match &r.action_source {
         None => "website".to_string(),
         Some(a) if ACTION_SOURCES.contains(&a.value.as_str()) => a.value.clone(),
@@ -397,23 +428,7 @@ pub fn compile(b: &mut dyn Build, r: &Raw) -> Option<Meta> {
         }
     };
     let event_source_url = b.template_opt(r.event_source_url.as_ref());
-    for k in r.user_data.keys() {
-        if !HASHED.contains(&k.as_str()) && !PLAIN.contains(&k.as_str()) {
-            let known = HASHED.iter().chain(PLAIN.iter()).copied();
-            let hint = crate::suggest::suggest(k, known).unwrap_or_else(|| {
-                format!(
-                    "Meta's fields are {} (hashed here) and {}",
-                    HASHED.join(", "),
-                    PLAIN.join(", ")
-                )
-            });
-            b.error(
-                &r.user_data[k],
-                format!("meta.user_data: unknown field `{k}`"),
-                Some(&hint),
-            );
-        }
-    }
+    known_fields(b, "meta.user_data", &r.user_data, &HASHED, &PLAIN);
     if r.user_data.is_empty() {
         b.error(&r.event_name, "meta: user_data is empty; Meta drops events it cannot match to a person", Some("give at least one of em, ph, external_id, fbc, or client_ip_address with client_user_agent"));
     }
@@ -423,7 +438,10 @@ pub fn compile(b: &mut dyn Build, r: &Raw) -> Option<Meta> {
     let timeout = r.timeout.as_ref().and_then(|t| b.duration(t));
     Some(Meta {
         url: format!("{endpoint}/{version}/{pixel}/events"),
-        destination: super::destination_of(&endpoint),
+        target: Target {
+            destination: super::destination_of(&endpoint),
+            timeout,
+        },
         token: token?,
         event_name: event_name?,
         event_time: event_time?,
@@ -433,7 +451,6 @@ pub fn compile(b: &mut dyn Build, r: &Raw) -> Option<Meta> {
         user_data,
         custom_data,
         test_event_code,
-        timeout,
     })
 }
 

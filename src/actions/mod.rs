@@ -39,11 +39,15 @@ pub const KINDS: [&str; 9] = [
 pub trait Action: std::fmt::Debug + Send + Sync {
     /// Its key in [`KINDS`].
     fn kind(&self) -> &'static str;
+    /// Where it sends and its own timeout.
+    fn target(&self) -> &Target;
     /// The host (or `host:port`) it sends to: the key of per-destination limits.
-    fn destination(&self) -> &str;
+    fn destination(&self) -> &str {
+        &self.target().destination
+    }
     /// Its own timeout, if it sets one (else `delivery.timeout`).
     fn timeout(&self) -> Option<Duration> {
-        None
+        self.target().timeout
     }
     /// Attempts in flight to its destination at once, when the kind needs more than
     /// `delivery.per_destination` (Sheets batches rows: a batch can only be as large as
@@ -69,6 +73,23 @@ pub trait Action: std::fmt::Debug + Send + Sync {
     /// How a test send's answer is judged.
     fn judge_test(&self, answer: Answer) -> Outcome {
         self.judge(answer)
+    }
+}
+
+/// Where an action sends, and how long an attempt may take.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    /// The host (or `host:port`): the key of per-destination limits.
+    pub destination: String,
+    /// The action's own timeout (else `delivery.timeout`).
+    pub timeout: Option<Duration>,
+}
+
+/// Judges an HTTP answer with `judge`; an attempt that got none is judged by how it failed.
+pub fn judge_http(answer: Answer, judge: impl FnOnce(HttpAnswer) -> Outcome) -> Outcome {
+    match answer.http() {
+        Ok(a) => judge(a),
+        Err(o) => o,
     }
 }
 

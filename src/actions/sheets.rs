@@ -9,7 +9,7 @@
 //! attempts and outcome: every row of a batch gets the batch's answer. A 429 backs off.
 
 use super::outcome::{answered, HttpAnswer, SendError};
-use super::{Action, Answer, Build, Message, Outcome, RenderError, Request, Scope};
+use super::{Action, Answer, Build, Message, Outcome, RenderError, Request, Scope, Target};
 use crate::render::template::TemplateId;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -70,12 +70,11 @@ impl PartialEq for Account {
 #[derive(Debug)]
 pub struct Sheets {
     url: String,
-    destination: String,
+    target: Target,
     account: Arc<Account>,
     columns: Vec<TemplateId>,
     batch_rows: usize,
     batch_wait: Duration,
-    timeout: Option<Duration>,
 }
 
 /// One rendered row, and where it goes.
@@ -111,11 +110,8 @@ impl Action for Sheets {
     fn kind(&self) -> &'static str {
         KIND
     }
-    fn destination(&self) -> &str {
-        &self.destination
-    }
-    fn timeout(&self) -> Option<Duration> {
-        self.timeout
+    fn target(&self) -> &Target {
+        &self.target
     }
     fn concurrency(&self) -> Option<usize> {
         Some(self.batch_rows)
@@ -539,12 +535,14 @@ pub fn compile(b: &mut dyn Build, r: &Raw) -> Option<Sheets> {
     }
     Some(Sheets {
         url,
-        destination: super::destination_of(&endpoint),
+        target: Target {
+            destination: super::destination_of(&endpoint),
+            timeout,
+        },
         account: account?,
         columns,
         batch_rows: batch_rows.clamp(1, 1000),
         batch_wait,
-        timeout,
     })
 }
 

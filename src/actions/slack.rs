@@ -4,11 +4,10 @@
 //! `Retry-After`; 5xx is tried again.
 
 use super::http::{self as http_kind, JsonTemplate};
-use super::{Action, Answer, Build, Message, Outcome, RenderError, Request, Scope};
+use super::{Action, Answer, Build, Message, Outcome, RenderError, Request, Scope, Target};
 use crate::render::template::TemplateId;
 use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
-use std::time::Duration;
 
 pub const KIND: &str = "slack";
 
@@ -26,21 +25,17 @@ pub struct Raw {
 #[derive(Debug)]
 pub struct Slack {
     webhook: TemplateId,
-    destination: String,
+    target: Target,
     text: TemplateId,
     blocks: Option<JsonTemplate>,
-    timeout: Option<Duration>,
 }
 
 impl Action for Slack {
     fn kind(&self) -> &'static str {
         KIND
     }
-    fn destination(&self) -> &str {
-        &self.destination
-    }
-    fn timeout(&self) -> Option<Duration> {
-        self.timeout
+    fn target(&self) -> &Target {
+        &self.target
     }
     fn templates(&self) -> Vec<&TemplateId> {
         let mut v = vec![&self.webhook, &self.text];
@@ -66,10 +61,7 @@ impl Action for Slack {
         }))
     }
     fn judge(&self, answer: Answer) -> Outcome {
-        match answer.http() {
-            Ok(a) => judge(a),
-            Err(o) => o,
-        }
+        super::judge_http(answer, judge)
     }
 }
 
@@ -129,11 +121,13 @@ pub fn compile(b: &mut dyn Build, r: &Raw) -> Option<Slack> {
     }
     let timeout = r.timeout.as_ref().and_then(|t| b.duration(t));
     Some(Slack {
-        destination: super::destination_of(&real),
+        target: Target {
+            destination: super::destination_of(&real),
+            timeout,
+        },
         webhook: webhook?,
         text: text?,
         blocks,
-        timeout,
     })
 }
 
@@ -143,6 +137,7 @@ super::raw_action!(Raw, compile);
 mod tests {
     use super::*;
     use crate::actions::HttpAnswer;
+    use std::time::Duration;
 
     fn a(status: u16, body: &str) -> HttpAnswer {
         HttpAnswer {

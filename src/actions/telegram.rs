@@ -3,7 +3,7 @@
 //! `{"ok": false, "error_code": …, "description": …}`, whose description goes in the log.
 //! 429 waits for `parameters.retry_after`, 5xx is tried again, other errors are final.
 
-use super::{Action, Answer, Build, Message, Outcome, RenderError, Request, Scope};
+use super::{Action, Answer, Build, Message, Outcome, RenderError, Request, Scope, Target};
 use crate::render::template::{Escape, TemplateId};
 use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
@@ -30,24 +30,20 @@ pub struct Raw {
 #[derive(Debug)]
 pub struct Telegram {
     endpoint: String,
-    destination: String,
+    target: Target,
     token: (String, String),
     chat_id: TemplateId,
     text: TemplateId,
     parse_mode: Option<String>,
     disable_notification: Option<bool>,
-    timeout: Option<Duration>,
 }
 
 impl Action for Telegram {
     fn kind(&self) -> &'static str {
         KIND
     }
-    fn destination(&self) -> &str {
-        &self.destination
-    }
-    fn timeout(&self) -> Option<Duration> {
-        self.timeout
+    fn target(&self) -> &Target {
+        &self.target
     }
     fn templates(&self) -> Vec<&TemplateId> {
         vec![&self.chat_id, &self.text]
@@ -68,10 +64,7 @@ impl Action for Telegram {
         Ok(Message::Http(Request::json(url, Vec::new(), &body)))
     }
     fn judge(&self, answer: Answer) -> Outcome {
-        match answer.http() {
-            Ok(a) => judge(a),
-            Err(o) => o,
-        }
+        super::judge_http(answer, judge)
     }
 }
 
@@ -138,14 +131,16 @@ pub fn compile(b: &mut dyn Build, r: &Raw) -> Option<Telegram> {
     let text = b.compile(&r.text, &src, escape, true);
     let timeout = r.timeout.as_ref().and_then(|t| b.duration(t));
     Some(Telegram {
-        destination: super::destination_of(&endpoint),
+        target: Target {
+            destination: super::destination_of(&endpoint),
+            timeout,
+        },
         endpoint,
         token: token?,
         chat_id: chat_id?,
         text: text?,
         parse_mode,
         disable_notification: r.disable_notification,
-        timeout,
     })
 }
 

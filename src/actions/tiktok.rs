@@ -5,14 +5,13 @@
 //! anything else is logged with TikTok's message. Rate limits (40100) and server errors
 //! are tried again.
 
-use super::meta::{is_sha256, sha256_hex, unix_seconds};
-use super::{Action, Answer, Build, Message, Outcome, RenderError, Request, Scope};
-use crate::render::template::{Escape, TemplateId};
+use super::meta::{customer, event_keys, is_sha256, known_fields, sha256_hex, unix_seconds};
+use super::{Action, Answer, Build, Message, Outcome, RenderError, Request, Scope, Target};
+use crate::render::template::TemplateId;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 pub const KIND: &str = "tiktok";
 pub const ENDPOINT: &str = "https://business-api.tiktok.com";
@@ -51,7 +50,7 @@ pub struct Raw {
 #[derive(Debug)]
 pub struct TikTok {
     url: String,
-    destination: String,
+    target: Target,
     pixel: String,
     token: (String, String),
     event: TemplateId,
@@ -61,18 +60,14 @@ pub struct TikTok {
     properties: Vec<(String, TemplateId)>,
     page_url: Option<TemplateId>,
     test_event_code: Option<String>,
-    timeout: Option<Duration>,
 }
 
 impl Action for TikTok {
     fn kind(&self) -> &'static str {
         KIND
     }
-    fn destination(&self) -> &str {
-        &self.destination
-    }
-    fn timeout(&self) -> Option<Duration> {
-        self.timeout
+    fn target(&self) -> &Target {
+        &self.target
     }
     fn templates(&self) -> Vec<&TemplateId> {
         let mut v = vec![&self.event, &self.event_id, &self.event_time];
@@ -90,17 +85,7 @@ impl Action for TikTok {
         if !id.is_empty() {
             data.insert("event_id".into(), id.into());
         }
-        let mut user = Map::new();
-        for (k, t) in &self.user {
-            let v = s.optional(&format!("user.{k}"), t)?;
-            if HASHED.contains(&k.as_str()) {
-                if let Some(h) = hashed(k, &v) {
-                    user.insert(k.clone(), h.into());
-                }
-            } else if !v.trim().is_empty() {
-                user.insert(k.clone(), v.trim().into());
-            }
-        }
+        let user = customer(s, "user", &self.user, &HASHED, hashed, false)?;
         data.insert("user".into(), Value::Object(user));
         let props = super::json_fields(s, "properties", &self.properties, true)?;
         if !props.is_empty() {
@@ -128,10 +113,7 @@ impl Action for TikTok {
         )))
     }
     fn judge(&self, answer: Answer) -> Outcome {
-        match answer.http() {
-            Ok(a) => judge(a),
-            Err(o) => o,
-        }
+        super::judge_http(answer, judge)
     }
 }
 
@@ -206,40 +188,9 @@ pub fn compile(b: &mut dyn Build, r: &Raw) -> Option<TikTok> {
         .map(|v| b.value(v).0)
         .unwrap_or_else(|| API_VERSION.to_string());
     let event = b.template(&r.event);
-    let default = |src: &str| Spanned::new(src.to_string(), r.event.referenced, r.event.defined);
-    let event_time = match &r.event_time {
-        Some(t) => b.template(t),
-        None => b.compile(
-            &default("{timestamp}"),
-            "{{ timestamp }}",
-            Escape::Plain,
-            false,
-        ),
-    };
-    let event_id = match &r.event_id {
-        Some(t) => b.template(t),
-        None => {
-            let src = "{{ transaction_id or clickid or '' }}";
-            b.compile(&default(src), src, Escape::Plain, false)
-        }
-    };
-    for k in r.user.keys() {
-        if !HASHED.contains(&k.as_str()) && !PLAIN.contains(&k.as_str()) {
-            let known = HASHED.iter().chain(PLAIN.iter()).copied();
-            let hint = crate::suggest::suggest(k, known).unwrap_or_else(|| {
-                format!(
-                    "TikTok's user fields are {} (hashed here) and {}",
-                    HASHED.join(", "),
-                    PLAIN.join(", ")
-                )
-            });
-            b.error(
-                &r.user[k],
-                format!("tiktok.user: unknown field `{k}`"),
-                Some(&hint),
-            );
-        }
-    }
+    let (event_time, event_id) =
+        event_keys(b, &r.event, r.event_time.as_ref(), r.event_id.as_ref());
+    known_fields(b, "tiktok.user", &r.user, &HASHED, &PLAIN);
     let user = super::compile_fields(b, &r.user);
     let properties = super::compile_fields(b, &r.properties);
     let page_url = b.template_opt(r.page_url.as_ref());
@@ -247,7 +198,10 @@ pub fn compile(b: &mut dyn Build, r: &Raw) -> Option<TikTok> {
     let timeout = r.timeout.as_ref().and_then(|t| b.duration(t));
     Some(TikTok {
         url: format!("{endpoint}/open_api/{version}/event/track/"),
-        destination: super::destination_of(&endpoint),
+        target: Target {
+            destination: super::destination_of(&endpoint),
+            timeout,
+        },
         pixel,
         token: token?,
         event: event?,
@@ -257,7 +211,6 @@ pub fn compile(b: &mut dyn Build, r: &Raw) -> Option<TikTok> {
         properties,
         page_url,
         test_event_code,
-        timeout,
     })
 }
 

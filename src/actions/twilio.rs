@@ -3,11 +3,10 @@
 //! 201. A failure is Twilio's error JSON (`code`, `message`, `more_info`), which goes in
 //! the log; 20429 (too many requests) and 5xx are tried again, other errors are final.
 
-use super::{Action, Answer, Build, Message, Method, Outcome, RenderError, Request, Scope};
+use super::{Action, Answer, Build, Message, Method, Outcome, RenderError, Request, Scope, Target};
 use crate::render::template::TemplateId;
 use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
-use std::time::Duration;
 
 pub const KIND: &str = "twilio";
 pub const ENDPOINT: &str = "https://api.twilio.com";
@@ -31,25 +30,21 @@ pub struct Raw {
 #[derive(Debug)]
 pub struct Twilio {
     endpoint: String,
-    destination: String,
+    target: Target,
     sid: String,
     token: (String, String),
     to: TemplateId,
     from: Option<TemplateId>,
     service: Option<String>,
     body: TemplateId,
-    timeout: Option<Duration>,
 }
 
 impl Action for Twilio {
     fn kind(&self) -> &'static str {
         KIND
     }
-    fn destination(&self) -> &str {
-        &self.destination
-    }
-    fn timeout(&self) -> Option<Duration> {
-        self.timeout
+    fn target(&self) -> &Target {
+        &self.target
     }
     fn templates(&self) -> Vec<&TemplateId> {
         let mut v = vec![&self.to, &self.body];
@@ -98,10 +93,7 @@ impl Action for Twilio {
         }))
     }
     fn judge(&self, answer: Answer) -> Outcome {
-        match answer.http() {
-            Ok(a) => judge(a),
-            Err(o) => o,
-        }
+        super::judge_http(answer, judge)
     }
 }
 
@@ -159,7 +151,10 @@ pub fn compile(b: &mut dyn Build, r: &Raw) -> Option<Twilio> {
     let body = b.template(&r.body);
     let timeout = r.timeout.as_ref().and_then(|t| b.duration(t));
     Some(Twilio {
-        destination: super::destination_of(&endpoint),
+        target: Target {
+            destination: super::destination_of(&endpoint),
+            timeout,
+        },
         endpoint,
         sid,
         token: token?,
@@ -167,7 +162,6 @@ pub fn compile(b: &mut dyn Build, r: &Raw) -> Option<Twilio> {
         from,
         service,
         body: body?,
-        timeout,
     })
 }
 

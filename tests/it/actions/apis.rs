@@ -5,7 +5,6 @@ use super::*;
 use crate::delivery::{api, post_events, wait_state, TOKEN, WAIT};
 use crate::support::*;
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
 
 #[tokio::test]
 async fn slack_gets_its_message_and_a_named_refusal_is_final() {
@@ -239,24 +238,7 @@ async fn twilio_gets_a_form_with_basic_auth_and_its_error_codes_decide() {
     );
     // Another conversion to an invalid number: final, with Twilio's code and message.
     post_events(&d, json!([{"clickid": "c2", "transaction_id": "T-2", "phone": "+15005550001", "status": "approved"}])).await;
-    let start = Instant::now();
-    let dead = loop {
-        let (_, body) = send_json(api(
-            &d,
-            reqwest::Method::GET,
-            "/api/v1/deliveries?state=dead",
-        ))
-        .await;
-        if let Some(x) = body["deliveries"]
-            .as_array()
-            .and_then(|a| a.first())
-            .cloned()
-        {
-            break wait_state(&d, x["id"].as_i64().unwrap(), "dead").await;
-        }
-        assert!(start.elapsed() < WAIT, "{}", d.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let dead = dead_deliveries(&d, 1).await.remove(0);
     assert_eq!(dead["attempts"], 1);
     assert_eq!(
         dead["attempt_log"][0]["error"],
@@ -376,21 +358,7 @@ async fn meta_gets_hashed_user_data_and_its_error_object_is_logged() {
     // An event older than Meta's 7-day window is dead before anything is sent.
     let old = now - 8 * 86400;
     post_events(&d, json!([{"clickid": "c3", "transaction_id": "T-OLD", "status": "approved", "email": "a@b.co", "timestamp": old.to_string()}])).await;
-    let start = Instant::now();
-    let dead = loop {
-        let (_, body) = send_json(api(
-            &d,
-            reqwest::Method::GET,
-            "/api/v1/deliveries?state=dead",
-        ))
-        .await;
-        let rows = body["deliveries"].as_array().cloned().unwrap_or_default();
-        if rows.len() == 2 {
-            break rows;
-        }
-        assert!(start.elapsed() < WAIT, "{body}\n{}", d.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let dead = dead_deliveries(&d, 2).await;
     let mut errors = Vec::new();
     for row in dead {
         let full = wait_state(&d, row["id"].as_i64().unwrap(), "dead").await;

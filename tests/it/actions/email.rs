@@ -1,7 +1,7 @@
 //! E-mail through a real SMTP server (aiosmtpd).
 
 use super::*;
-use crate::delivery::{api, post_events, wait_state, WAIT};
+use crate::delivery::{post_events, WAIT};
 use crate::support::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -161,24 +161,7 @@ async fn email_reaches_a_real_smtp_server_a_550_is_dead_and_a_down_relay_is_wait
 
     // An unknown user: 550, dead after one attempt, with the server's reply.
     post_events(&d, json!([{"clickid": "c2", "transaction_id": "T-2", "status": "approved", "to": "reject@partner.example"}])).await;
-    let start = Instant::now();
-    let dead = loop {
-        let (_, body) = send_json(api(
-            &d,
-            reqwest::Method::GET,
-            "/api/v1/deliveries?state=dead",
-        ))
-        .await;
-        if let Some(x) = body["deliveries"]
-            .as_array()
-            .and_then(|a| a.first())
-            .cloned()
-        {
-            break wait_state(&d, x["id"].as_i64().unwrap(), "dead").await;
-        }
-        assert!(start.elapsed() < WAIT, "{}", d.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let dead = dead_deliveries(&d, 1).await.remove(0);
     assert_eq!(dead["attempts"], 1, "{dead}");
     let e = dead["attempt_log"][0]["error"].as_str().unwrap();
     assert!(

@@ -85,3 +85,26 @@ pub(crate) fn run_cli_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, 
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Every dead delivery, in full, once there are `n` of them.
+pub(crate) async fn dead_deliveries(d: &Daemon, n: usize) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let (_, body) = send_json(api(
+            d,
+            reqwest::Method::GET,
+            "/api/v1/deliveries?state=dead",
+        ))
+        .await;
+        let rows = body["deliveries"].as_array().cloned().unwrap_or_default();
+        if rows.len() >= n {
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(wait_state(d, r["id"].as_i64().unwrap(), "dead").await);
+            }
+            return out;
+        }
+        assert!(start.elapsed() < WAIT, "{body}\n{}", d.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
