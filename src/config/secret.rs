@@ -99,7 +99,7 @@ pub fn variable(n: usize) -> String {
 }
 
 /// Names of secret variables start with this; a template cannot misspell one.
-pub const PREFIX: &str = "__secret_";
+pub use crate::render::SECRET_PREFIX as PREFIX;
 
 /// Template source for `pieces`: each secret becomes a variable, numbered from `first`.
 /// Outside a `{{ }}` or `{% %}` block a secret is printed as it is (`raw`), as the text it

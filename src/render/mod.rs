@@ -16,6 +16,10 @@ use minijinja::Value;
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
+/// Names of secret variables start with this (`__secret_0`, …): the config places each
+/// secret a template uses as one, and a template cannot misspell one.
+pub const SECRET_PREFIX: &str = "__secret_";
+
 /// Names templates may use besides the canonical fields (see [`event_context`]).
 pub const EXTRA_NAMES: &[&str] = &[
     "txid",
@@ -96,7 +100,7 @@ impl Context {
         if let Some(canonical) = alias {
             return self.lookup(canonical);
         }
-        if let Some(n) = name.strip_prefix(crate::config::SECRET_PREFIX) {
+        if let Some(n) = name.strip_prefix(SECRET_PREFIX) {
             let n: usize = n.parse().ok()?;
             return Some(Value::from_safe_string(match &self.secrets {
                 Some(values) => values.get(n)?.clone(),
