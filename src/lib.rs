@@ -19,6 +19,7 @@ pub mod config;
 pub mod deliver;
 pub mod diff;
 pub mod ingest;
+pub mod notify;
 pub mod plan;
 pub mod reload;
 pub mod render;
@@ -85,6 +86,12 @@ pub struct Options {
     pub watch: bool,
     /// Added to `delivery.allow_networks` (`--allow-network`).
     pub allow_networks: Vec<deliver::egress::Allowed>,
+    /// Overrides `log.format`: JSON lines (true) or text.
+    pub log_json: Option<bool>,
+    /// Overrides `log.level`.
+    pub log_level: Option<String>,
+    /// Replaces `api.admin_tokens` (`POSTBACKD_ADMIN_TOKEN`, `--admin-token-file`).
+    pub admin_token: Option<String>,
 }
 
 /// Loads the config, opens the store, serves HTTP and delivers, until `shutdown` resolves.
@@ -168,7 +175,9 @@ pub async fn run_plan(
         let p = limits.load();
         (p.settings.server.clone(), p.settings.delivery.concurrency)
     };
+    notify::ready(&format!("serving on {addr}, config {}", plan.load().hash));
     server::conns::serve(listener, app, tls, limits, shutdown).await;
+    notify::stopping();
     tracing::info!("shutting down: finishing in-flight deliveries");
     let _ = stop_tx.send(true);
     let _ = delivering.await;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 /// Loads and compiles the config directory, applies the command line's overrides and reads
 /// the git commit. Start-up and every reload go through here.
+/// The overrides of `opts` (flags and environment variables) win over `postbackd.yaml`.
 pub fn load(opts: &Options) -> Result<Plan, ConfigErrors> {
     let mut plan = config::load_dir(&opts.config_dir)?;
     if let Some(l) = opts.listen {
@@ -30,6 +31,19 @@ pub fn load(opts: &Options) -> Result<Plan, ConfigErrors> {
     }
     for a in &opts.allow_networks {
         crate::deliver::egress::allow(&mut plan.settings.delivery, a.clone());
+    }
+    if let Some(j) = opts.log_json {
+        plan.settings.log_json = j;
+    }
+    if let Some(l) = &opts.log_level {
+        plan.settings.log_level = l.clone();
+    }
+    if let Some(t) = &opts.admin_token {
+        plan.settings.admin_tokens = vec![t.clone()];
+        if !plan.secrets.contains(t) {
+            plan.secrets.push(t.clone());
+            plan.secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        }
     }
     plan.git = git::head(&opts.config_dir);
     Ok(plan)
@@ -154,6 +168,20 @@ impl Reloader {
     /// Loads the directory again and swaps the plan in if it is valid and differs.
     pub async fn reload(&self, trigger: &str) -> Result<Reloaded, ConfigErrors> {
         let _one_at_a_time = self.running.lock().await;
+        crate::notify::reloading();
+        let result = self.reload_now(trigger).await;
+        let running = self.plan.load().hash.clone();
+        crate::notify::ready(&match &result {
+            Ok(_) => format!("serving, config {running} (reloaded by {trigger})"),
+            Err(e) => format!(
+                "serving, config {running}: the last reload was refused ({} errors)",
+                e.0.len()
+            ),
+        });
+        result
+    }
+
+    async fn reload_now(&self, trigger: &str) -> Result<Reloaded, ConfigErrors> {
         let started = Instant::now();
         let opts = self.opts.clone();
         let result = tokio::task::spawn_blocking(move || load(&opts))

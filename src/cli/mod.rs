@@ -22,16 +22,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon on a config directory.
+    /// Run the daemon on a config directory. Flags win over environment variables, which
+    /// win over postbackd.yaml.
     Run {
         /// Directory holding postbackd.yaml and the rule files.
+        #[arg(env = "POSTBACKD_CONFIG")]
         dir: PathBuf,
         /// Listen address (overrides `listen` in postbackd.yaml).
-        #[arg(long)]
+        #[arg(long, env = "POSTBACKD_LISTEN")]
         listen: Option<SocketAddr>,
         /// Data directory for the store (overrides `data_dir`).
-        #[arg(long)]
+        #[arg(long, env = "POSTBACKD_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// Log format, `text` or `json` (overrides `log.format`).
+        #[arg(long, env = "POSTBACKD_LOG_FORMAT", value_parser = ["text", "json"])]
+        log_format: Option<String>,
+        /// Log level or filter, e.g. `info` or `postbackd=debug` (overrides `log.level`).
+        #[arg(long, env = "POSTBACKD_LOG_LEVEL")]
+        log_level: Option<String>,
+        /// A file holding the admin token (replaces `api.admin_tokens`); the environment
+        /// variable POSTBACKD_ADMIN_TOKEN holds the token itself.
+        #[arg(long)]
+        admin_token_file: Option<PathBuf>,
         /// Do not watch the config directory; reload only on SIGHUP or POST /-/reload.
         #[arg(long)]
         no_watch: bool,
@@ -82,6 +94,20 @@ enum Command {
     },
     /// The delivery log of a running daemon: list (with filters), show one, retry.
     Deliveries(Box<deliveries::Deliveries>),
+    /// Ask a running daemon whether it is ready (`/-/ready`): exit 0, or 1 with the reason.
+    /// For a container's HEALTHCHECK, where there is no curl.
+    Healthcheck {
+        /// The daemon's listen address (an unspecified one, 0.0.0.0, is asked on loopback).
+        #[arg(long, env = "POSTBACKD_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Speak TLS (the listener has `server.tls`); the certificate is not checked, as
+        /// the daemon is asked on its own address.
+        #[arg(long)]
+        tls: bool,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "3s", value_parser = parse_timeout)]
+        timeout: std::time::Duration,
+    },
     /// A throwaway receiver for trying rules out: prints every request and answers 200.
     Sink {
         #[arg(long, default_value = "127.0.0.1:9000")]
@@ -114,13 +140,28 @@ pub fn main() -> ExitCode {
             &allow_networks,
         ),
         Command::Sink { listen } => sink(listen),
+        Command::Healthcheck {
+            listen,
+            tls,
+            timeout,
+        } => healthcheck(listen, tls, timeout),
         Command::Run {
             dir,
             listen,
             data_dir,
+            log_format,
+            log_level,
+            admin_token_file,
             no_watch,
             allow_networks,
         } => {
+            let admin_token = match admin_token(admin_token_file.as_deref()) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let mut allowed = Vec::new();
             for a in &allow_networks {
                 match crate::deliver::egress::parse_allowed(a) {
@@ -137,6 +178,9 @@ pub fn main() -> ExitCode {
                 data_dir,
                 watch: !no_watch,
                 allow_networks: allowed,
+                log_json: log_format.map(|f| f == "json"),
+                log_level,
+                admin_token,
             };
             run(opts)
         }
@@ -199,6 +243,78 @@ fn run(opts: crate::Options) -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The admin token from `--admin-token-file` or `POSTBACKD_ADMIN_TOKEN` (the file wins), if
+/// either is given; it must be long enough to resist guessing.
+fn admin_token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
+    let (token, from) = match file {
+        Some(f) => (
+            std::fs::read_to_string(f)
+                .map_err(|e| format!("--admin-token-file {}: {e}", f.display()))?
+                .trim()
+                .to_string(),
+            "--admin-token-file",
+        ),
+        None => match std::env::var("POSTBACKD_ADMIN_TOKEN") {
+            Ok(t) if !t.trim().is_empty() => (t.trim().to_string(), "POSTBACKD_ADMIN_TOKEN"),
+            _ => return Ok(None),
+        },
+    };
+    if token.len() < 16 {
+        return Err(format!(
+            "{from}: the admin token needs at least 16 characters (generate one with: openssl rand -hex 24)"
+        ));
+    }
+    Ok(Some(token))
+}
+
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    crate::config::parse_duration(s)
+}
+
+/// `postbackd healthcheck`: GET `/-/ready` on the daemon's own address.
+fn healthcheck(listen: SocketAddr, tls: bool, timeout: std::time::Duration) -> ExitCode {
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let url = format!("{}://{addr}/-/ready", if tls { "https" } else { "http" });
+    let Some(rt) = runtime() else {
+        return ExitCode::from(1);
+    };
+    let answer = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .danger_accept_invalid_certs(tls)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let resp = client
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| crate::actions::outcome::error_chain(&e.without_url()))?;
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        Ok::<_, String>((status, body))
+    });
+    match answer {
+        Ok((status, body)) if status.is_success() => {
+            println!("{}", body.trim_end());
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            println!("unhealthy: {url} answered {status}: {}", body.trim_end());
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            println!("unhealthy: {url}: {e}");
             ExitCode::from(1)
         }
     }

@@ -4,6 +4,7 @@ mod actions;
 mod check;
 mod connections;
 mod delivery;
+mod deploy;
 mod disk;
 mod durability;
 mod e2e;
