@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests and end-to-end tests against the real binary, a real
-# Prometheus and promtool, the Standard Webhooks reference library and a real SMTP server
+# Prometheus and promtool, a container image built with podman, the Standard Webhooks reference library and a real SMTP server
 # (aiosmtpd). Installs Prometheus (Debian's package), the library and aiosmtpd (PyPI) when
 # they are missing.
 set -euo pipefail
@@ -30,6 +30,14 @@ if ! python3 -c "import aiosmtpd" 2>/dev/null; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-aiosmtpd >/dev/null
   fi
+fi
+# The container image test: podman builds images without a daemon; debootstrap makes the
+# base image from Debian's packages (kept in podman's storage between runs).
+if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null; then
+  echo "installing podman and debootstrap (apt-get install podman debootstrap)" >&2
+  sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends podman debootstrap >/dev/null
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
