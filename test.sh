@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests and end-to-end tests against the real binary, a real
-# Prometheus and promtool, a container image built with podman, the Standard Webhooks reference library and a real SMTP server
-# (aiosmtpd). Installs Prometheus (Debian's package), the library and aiosmtpd (PyPI) when
-# they are missing.
+# Prometheus and promtool, the Standard Webhooks reference library, a real SMTP server
+# (aiosmtpd), a container image built with podman, systemd-analyze and a Kubernetes schema
+# checker. Installs what is missing: Debian's packages (prometheus, podman, debootstrap)
+# and PyPI's (standardwebhooks, aiosmtpd, kubernetes-validate).
 set -euo pipefail
 cd "$(dirname "$0")"
 if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
@@ -37,7 +38,17 @@ if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null; then
   echo "installing podman and debootstrap (apt-get install podman debootstrap)" >&2
   sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends podman debootstrap >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq podman debootstrap >/dev/null
+fi
+# The deploy files' checkers: systemd-analyze (Debian's systemd) and kubernetes-validate
+# (PyPI; it carries the Kubernetes schemas, so it needs no cluster and no network).
+if ! command -v systemd-analyze >/dev/null; then
+  sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq systemd >/dev/null
+fi
+if ! command -v kubernetes-validate >/dev/null; then
+  echo "installing kubernetes-validate (pip install kubernetes-validate)" >&2
+  python3 -m pip install -q --disable-pip-version-check kubernetes-validate
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

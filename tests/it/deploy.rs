@@ -232,3 +232,154 @@ async fn systemd_hears_ready_reloading_and_stopping() {
     let stopping = next(&sock);
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
 }
+
+/// The shipped unit passes `systemd-analyze verify` (with the binary where the install puts
+/// it) and asks for what the daemon does: notify, check before start, SIGHUP to reload.
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(repo().join("deploy/systemd/postbackd.service")).unwrap();
+    for want in [
+        "Type=notify",
+        "ExecStartPre=/usr/local/bin/postbackd check /etc/postbackd",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "StateDirectory=postbackd",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "SystemCallFilter=@system-service",
+        "User=postbackd",
+    ] {
+        assert!(unit.lines().any(|l| l == want), "the unit lacks `{want}`");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("postbackd.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/postbackd", BIN)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian's systemd package)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.trim().is_empty(),
+        "systemd-analyze verify: {err}"
+    );
+    // And it does notice a broken unit.
+    std::fs::write(
+        &path,
+        unit.replace("Type=notify", "Type=notifyy")
+            .replace("/usr/local/bin/postbackd", BIN),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).trim().is_empty(),
+        "a bad Type= goes unnoticed"
+    );
+}
+
+/// The manifests pass a Kubernetes schema checker (kubernetes-validate, from PyPI), strictly.
+#[test]
+fn the_kubernetes_manifests_validate() {
+    let dir = repo().join("deploy/kubernetes");
+    let validate = |files: &[&std::path::Path]| {
+        Command::new("kubernetes-validate")
+            .args(["--strict", "--quiet", "-k", "1.29.0"])
+            .args(files)
+            .output()
+            .expect(
+                "kubernetes-validate (bash test.sh installs it: pip install kubernetes-validate)",
+            )
+    };
+    let main = dir.join("postbackd.yaml");
+    let secret = dir.join("secret.example.yaml");
+    let out = validate(&[&main, &secret]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    let m = std::fs::read_to_string(&main).unwrap();
+    for want in [
+        "kind: StatefulSet",
+        "replicas: 1",
+        "registry.k8s.io/git-sync/git-sync",
+        "path: /-/healthy",
+        "path: /-/ready",
+        "secretRef: { name: postbackd }",
+        "kind: Service",
+        "prometheus.io/scrape",
+    ] {
+        assert!(m.contains(want), "postbackd.yaml lacks `{want}`");
+    }
+    // The checker does refuse a wrong manifest.
+    let bad = tempfile::tempdir().unwrap();
+    let wrong = bad.path().join("wrong.yaml");
+    std::fs::write(&wrong, m.replace("replicas: 1", "replicas: one")).unwrap();
+    assert!(
+        !validate(&[&wrong]).status.success(),
+        "kubernetes-validate accepts anything"
+    );
+}
+
+/// The compose directory holds together: its rules pass `check`, Prometheus's config (with
+/// the alerting rules beside it, as mounted) passes `promtool check config`, and every file
+/// it mounts exists.
+#[test]
+fn the_compose_setup_holds_together() {
+    let dir = repo().join("deploy/compose");
+    let text = std::fs::read_to_string(dir.join("compose.yaml")).unwrap();
+    let compose: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+    for s in ["postbackd", "prometheus", "tracker"] {
+        assert!(compose["services"].get(s).is_some(), "no service {s}");
+    }
+    assert!(dir
+        .join(compose["services"]["postbackd"]["build"].as_str().unwrap())
+        .join("Dockerfile")
+        .exists());
+    for (_, svc) in compose["services"].as_object().unwrap() {
+        for v in svc["volumes"].as_array().into_iter().flatten() {
+            let src = v.as_str().unwrap().split(':').next().unwrap();
+            if src.starts_with('.') {
+                assert!(
+                    dir.join(src).exists(),
+                    "compose mounts {src}, which does not exist"
+                );
+            }
+        }
+    }
+    let out = Command::new(BIN)
+        .args(["check", dir.join("rules").to_str().unwrap()])
+        .env("POSTBACKD_ADMIN_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let prom = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        dir.join("prometheus.yml"),
+        prom.path().join("prometheus.yml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo().join("monitoring/alerts.yaml"),
+        prom.path().join("alerts.yaml"),
+    )
+    .unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "config"])
+        .arg(prom.path().join("prometheus.yml"))
+        .output()
+        .expect("promtool (bash test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
