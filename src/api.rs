@@ -216,7 +216,8 @@ async fn config(
     let plan = state.plan.load_full();
     let dir = state.reloader.dir().to_path_buf();
     let status = state.reloader.status();
-    let changes = state.reloader.line_changes(&plan).await;
+    let changes =
+        crate::reload::postback_changes(&plan, &*state.reloader.line_changes(&plan).await);
     let postbacks: Vec<Value> = plan
         .postbacks
         .iter()
@@ -243,7 +244,7 @@ async fn config(
                 "enabled": enabled,
                 "kind": p.action.kind(),
                 "destination": p.action.destination(),
-                "last_change": changes.get(&(p.origin.file.clone(), p.origin.line)),
+                "last_change": changes.get(&p.id),
             })
         })
         .collect();

@@ -93,6 +93,42 @@ pub struct Reloader {
 /// Who last changed each line, by (file, line).
 pub type LineChanges = std::collections::HashMap<(PathBuf, u64), git::LineChange>;
 
+/// Each postback's last change: the newest commit among the lines of its block, from its
+/// `id:` line to the line before the next postback of its file (or the file's end).
+pub fn postback_changes(
+    plan: &Plan,
+    changes: &LineChanges,
+) -> std::collections::HashMap<String, git::LineChange> {
+    let mut starts: std::collections::HashMap<&std::path::Path, Vec<u64>> = Default::default();
+    for p in &plan.postbacks {
+        starts
+            .entry(&p.origin.file)
+            .or_default()
+            .push(p.origin.line);
+    }
+    for v in starts.values_mut() {
+        v.sort_unstable();
+    }
+    let mut out = std::collections::HashMap::new();
+    for p in &plan.postbacks {
+        let file = &p.origin.file;
+        let end = starts[file.as_path()]
+            .iter()
+            .find(|l| **l > p.origin.line)
+            .copied()
+            .unwrap_or(u64::MAX);
+        let newest = changes
+            .iter()
+            .filter(|((f, line), _)| f == file && *line >= p.origin.line && *line < end)
+            .map(|(_, c)| c)
+            .max_by(|a, b| a.date.cmp(&b.date));
+        if let Some(c) = newest {
+            out.insert(p.id.clone(), c.clone());
+        }
+    }
+    out
+}
+
 impl Reloader {
     pub fn new(opts: Options, plan: Arc<ArcSwap<Plan>>) -> Reloader {
         let p = plan.load();

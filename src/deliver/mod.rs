@@ -189,6 +189,7 @@ impl Deliverer {
                     outcome: "render_error".into(),
                     error: Some(plan.scrub(&e.to_string())),
                     config_version: plan.hash.clone(),
+                    config_commit: plan.git.as_ref().map(|g| g.commit.clone()),
                     ..Attempt::default()
                 };
                 return Decision {
@@ -250,6 +251,7 @@ impl Deliverer {
             error: error.map(|e| plan.scrub(&e)),
             outcome: out.class().into(),
             config_version: plan.hash.clone(),
+            config_commit: plan.git.as_ref().map(|g| g.commit.clone()),
         };
         Decision {
             kind: pb.action.kind(),

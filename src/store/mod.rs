@@ -142,6 +142,8 @@ pub struct Attempt {
     pub error: Option<String>,
     pub outcome: String,
     pub config_version: String,
+    /// The commit the rules directory was at (when it is a git checkout).
+    pub config_commit: Option<String>,
 }
 
 /// What happens to a delivery after an attempt.

@@ -350,9 +350,9 @@ pub(super) fn finish(
         ],
     )?;
     if let Some(a) = attempt {
-        c.prepare_cached("INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, method, url, request_body, response_status, response_body, error, outcome, config_version)
-             VALUES (?1, (SELECT attempts FROM deliveries WHERE id = ?1), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)")?.execute(
-                        params![id, a.started_at, a.duration_ms, a.method, a.url, a.request_body, a.response_status, a.response_body, a.error, a.outcome, a.config_version],
+        c.prepare_cached("INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, method, url, request_body, response_status, response_body, error, outcome, config_version, config_commit)
+             VALUES (?1, (SELECT attempts FROM deliveries WHERE id = ?1), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)")?.execute(
+                        params![id, a.started_at, a.duration_ms, a.method, a.url, a.request_body, a.response_status, a.response_body, a.error, a.outcome, a.config_version, a.config_commit],
         )?;
     }
     if state == State::Pending {

@@ -64,7 +64,7 @@ pub(super) fn delivery(
     row.attempt_log = c
         .prepare_cached(
             "SELECT attempt, started_at, duration_ms, method, url, request_body, response_status,
-                    response_body, error, outcome, config_version
+                    response_body, error, outcome, config_version, config_commit
              FROM attempts WHERE delivery_id = ?1 ORDER BY attempt, id",
         )?
         .query_map(params![id], |r| {
@@ -81,6 +81,7 @@ pub(super) fn delivery(
                     error: r.get(8)?,
                     outcome: r.get(9)?,
                     config_version: r.get(10)?,
+                    config_commit: r.get(11)?,
                 },
             })
         })?

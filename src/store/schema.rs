@@ -154,8 +154,13 @@ CREATE INDEX IF NOT EXISTS deliveries_orphaned ON deliveries(postback_id)
     WHERE state = 0 AND orphaned_at IS NOT NULL;
 ";
 
+/// The commit the rules were at when an attempt was made, beside the config version.
+const V9: &str = "
+ALTER TABLE attempts ADD COLUMN config_commit TEXT;
+";
+
 /// The migrations in order: the store at version N has run the first N.
-const MIGRATIONS: [&str; 8] = [V1, V2, V3, V4, V5, V6, V7, V8];
+const MIGRATIONS: [&str; 9] = [V1, V2, V3, V4, V5, V6, V7, V8, V9];
 
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;

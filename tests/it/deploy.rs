@@ -383,3 +383,167 @@ fn the_compose_setup_holds_together() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn commit(repo: &std::path::Path, who: &str, message: &str) -> String {
+    git(repo, &["add", "-A"]);
+    let author = format!("{who} <{}@example.com>", who.to_lowercase());
+    git(
+        repo,
+        &[
+            "-c",
+            &format!("user.name={who}"),
+            "-c",
+            &format!("user.email={}@example.com", who.to_lowercase()),
+            "commit",
+            "-q",
+            "--author",
+            &author,
+            "-m",
+            message,
+        ],
+    );
+    git(repo, &["rev-parse", "HEAD"])
+}
+
+/// Publishes `sha` the way git-sync does: a worktree of its own under `.worktrees/`
+/// (whose `.git` is a file), then the link swapped onto it in one rename.
+fn publish(root: &std::path::Path, sha: &str) {
+    git(root, &["fetch", "-q", "origin"]);
+    let wt = format!(".worktrees/{sha}");
+    git(root, &["worktree", "add", "-q", "--detach", &wt, sha]);
+    assert!(
+        root.join(&wt).join(".git").is_file(),
+        "a worktree's .git is a file"
+    );
+    let tmp = root.join("rules.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&wt, &tmp).unwrap();
+    std::fs::rename(&tmp, root.join("rules")).unwrap();
+}
+
+async fn config(d: &Daemon) -> serde_json::Value {
+    let (code, body) = send_json(client().get(d.url("/api/v1/config")).bearer_auth(TOKEN)).await;
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+/// A git-sync volume: the rules are a worktree whose `.git` is a file, behind a symlink
+/// that is swapped onto each new commit. The commit, author and date are right for the
+/// config, for each postback and for each attempt, and a new commit is picked up.
+#[tokio::test]
+async fn a_git_sync_worktree_shows_its_commits_and_a_swapped_link_is_followed() {
+    let sink = Sink::start().await;
+    let remote = tempfile::tempdir().unwrap();
+    git(remote.path(), &["init", "-q", "-b", "main"]);
+    let rules = |path: &str| {
+        format!(
+            "postbacks:\n  - id: tracker\n    trigger: conversion\n    retry: [100ms]\n    http: {{ url: \"http://{}/{path}?cid={{clickid}}\" }}\n",
+            sink.addr
+        )
+    };
+    std::fs::write(
+        remote.path().join("postbackd.yaml"),
+        "api:\n  admin_tokens: [\"${env:POSTBACKD_ADMIN_TOKEN}\"]\n",
+    )
+    .unwrap();
+    std::fs::write(remote.path().join("rules.yaml"), rules("first")).unwrap();
+    let first = commit(remote.path(), "Ana", "first rules");
+
+    let root = tempfile::tempdir().unwrap();
+    let url = remote.path().to_str().unwrap();
+    Command::new("git")
+        .args(["clone", "-q", "--no-checkout", url])
+        .arg(root.path())
+        .status()
+        .unwrap();
+    publish(root.path(), &first);
+    let data = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(
+        &root.path().join("rules"),
+        data.path(),
+        &[("POSTBACKD_ADMIN_TOKEN", TOKEN)],
+    );
+    let c = config(&d).await;
+    assert_eq!(c["git"]["commit"], first.as_str(), "{c}");
+    assert_eq!(c["git"]["author"], "Ana <ana@example.com>");
+    assert!(c["git"]["date"].as_str().unwrap().starts_with("20"), "{c}");
+    assert_eq!(
+        c["postbacks"][0]["last_change"]["commit"],
+        first.as_str(),
+        "{c}"
+    );
+    assert_eq!(
+        c["postbacks"][0]["last_change"]["author"], "Ana <ana@example.com>",
+        "{c}"
+    );
+    send_json(client().get(d.url("/postback?clickid=a1&status=approved"))).await;
+    sink.wait_for(Some("/first"), 1, Duration::from_secs(15))
+        .await;
+
+    // Bo pushes; git-sync publishes the new commit.
+    std::fs::write(remote.path().join("rules.yaml"), rules("second")).unwrap();
+    let second = commit(remote.path(), "Bo", "the second tracker path");
+    assert!(
+        d.wait_log("watching the config directory", Duration::from_secs(10))
+            .await
+    );
+    publish(root.path(), &second);
+    let start = Instant::now();
+    let c = loop {
+        let c = config(&d).await;
+        if c["git"]["commit"] == second.as_str() {
+            break c;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the swapped link was not followed: {c}\n{}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        c["postbacks"][0]["last_change"]["author"], "Bo <bo@example.com>",
+        "{c}"
+    );
+    send_json(client().get(d.url("/postback?clickid=a2&status=approved"))).await;
+    sink.wait_for(Some("/second"), 1, Duration::from_secs(15))
+        .await;
+
+    // Each attempt says which commit its rules were at.
+    let (_, body) = send_json(client().get(d.url("/api/v1/deliveries")).bearer_auth(TOKEN)).await;
+    let mut commits = Vec::new();
+    for row in body["deliveries"].as_array().unwrap() {
+        let (_, one) = send_json(
+            client()
+                .get(d.url(&format!("/api/v1/deliveries/{}", row["id"])))
+                .bearer_auth(TOKEN),
+        )
+        .await;
+        commits.push(
+            one["attempt_log"][0]["config_commit"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    commits.sort();
+    let mut want = vec![first, second];
+    want.sort();
+    assert_eq!(commits, want);
+}
