@@ -109,6 +109,7 @@ pub fn postback_changes(
     for v in starts.values_mut() {
         v.sort_unstable();
     }
+    let head = plan.git.as_ref().map(|g| &g.commit);
     let mut out = std::collections::HashMap::new();
     for p in &plan.postbacks {
         let file = &p.origin.file;
@@ -121,7 +122,8 @@ pub fn postback_changes(
             .iter()
             .filter(|((f, line), _)| f == file && *line >= p.origin.line && *line < end)
             .map(|(_, c)| c)
-            .max_by(|a, b| a.date.cmp(&b.date));
+            // Newest first; within one second, the checkout's own commit is the newest.
+            .max_by_key(|c| (c.date.clone(), Some(&c.commit) == head));
         if let Some(c) = newest {
             out.insert(p.id.clone(), c.clone());
         }
