@@ -384,46 +384,6 @@ fn the_compose_setup_holds_together() {
     );
 }
 
-fn git(dir: &std::path::Path, args: &[&str]) -> String {
-    git_at(dir, args, None)
-}
-
-/// `git -C dir args`, with the author and committer date set when `date` is given.
-fn git_at(dir: &std::path::Path, args: &[&str], date: Option<&str>) -> String {
-    let mut c = Command::new("git");
-    c.arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null");
-    if let Some(d) = date {
-        c.env("GIT_AUTHOR_DATE", d).env("GIT_COMMITTER_DATE", d);
-    }
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn commit(repo: &std::path::Path, who: &str, message: &str, date: &str) -> String {
-    git(repo, &["add", "-A"]);
-    let (name, mail) = (
-        format!("user.name={who}"),
-        format!("user.email={}@example.com", who.to_lowercase()),
-    );
-    let author = format!("{who} <{}@example.com>", who.to_lowercase());
-    git_at(
-        repo,
-        &[
-            "-c", &name, "-c", &mail, "commit", "-q", "--author", &author, "-m", message,
-        ],
-        Some(date),
-    );
-    git(repo, &["rev-parse", "HEAD"])
-}
-
 /// Publishes `sha` the way git-sync does: a worktree of its own under `.worktrees/`
 /// (whose `.git` is a file), then the link swapped onto it in one rename.
 fn publish(root: &std::path::Path, sha: &str) {
@@ -466,7 +426,13 @@ async fn a_git_sync_worktree_shows_its_commits_and_a_swapped_link_is_followed() 
     )
     .unwrap();
     std::fs::write(remote.path().join("rules.yaml"), rules("first")).unwrap();
-    let first = commit(remote.path(), "Ana", "first rules", "2026-11-30T10:00:00Z");
+    let first = commit_as(
+        remote.path(),
+        "Ana",
+        "ana@example.com",
+        "first rules",
+        Some("2026-11-30T10:00:00Z"),
+    );
 
     let root = tempfile::tempdir().unwrap();
     let url = remote.path().to_str().unwrap();
@@ -501,11 +467,12 @@ async fn a_git_sync_worktree_shows_its_commits_and_a_swapped_link_is_followed() 
 
     // Bo pushes; git-sync publishes the new commit.
     std::fs::write(remote.path().join("rules.yaml"), rules("second")).unwrap();
-    let second = commit(
+    let second = commit_as(
         remote.path(),
         "Bo",
+        "bo@example.com",
         "the second tracker path",
-        "2026-12-01T10:00:00Z",
+        Some("2026-12-01T10:00:00Z"),
     );
     assert!(
         d.wait_log("watching the config directory", Duration::from_secs(10))

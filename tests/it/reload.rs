@@ -571,41 +571,6 @@ async fn reload_needs_the_token_when_there_is_one() {
     assert_eq!(code, 200);
 }
 
-fn git(dir: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn commit_as(dir: &std::path::Path, who: &str, email: &str, message: &str) -> String {
-    git(dir, &["add", "-A"]);
-    git(
-        dir,
-        &[
-            "-c",
-            &format!("user.name={who}"),
-            "-c",
-            &format!("user.email={email}"),
-            "commit",
-            "-q",
-            "-m",
-            message,
-        ],
-    );
-    git(dir, &["rev-parse", "HEAD"])
-}
-
 /// In a git checkout the config version carries the commit, and every postback says who
 /// last changed it (the seeds' "created at / author").
 #[tokio::test]
@@ -618,7 +583,13 @@ async fn the_config_version_carries_the_git_commit_and_authors() {
         "api:\n  admin_tokens: [\"${env:POSTBACKD_ADMIN_TOKEN}\"]\n",
         &rule("first", sink.addr, "/a"),
     );
-    let c1 = commit_as(cfg.path(), "Alice", "alice@example.com", "first postback");
+    let c1 = commit_as(
+        cfg.path(),
+        "Alice",
+        "alice@example.com",
+        "first postback",
+        None,
+    );
     let data = tempfile::tempdir().unwrap();
     let d = Daemon::start_args(
         cfg.path(),
@@ -632,7 +603,13 @@ async fn the_config_version_carries_the_git_commit_and_authors() {
         rule("second", sink.addr, "/b"),
     )
     .unwrap();
-    let c2 = commit_as(cfg.path(), "Bob", "bob@example.com", "a second postback");
+    let c2 = commit_as(
+        cfg.path(),
+        "Bob",
+        "bob@example.com",
+        "a second postback",
+        None,
+    );
     let (code, r) = send_json(client().post(d.url("/-/reload")).bearer_auth(TOKEN)).await;
     assert_eq!(code, 200, "{r}");
     assert!(

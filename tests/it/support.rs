@@ -399,3 +399,40 @@ pub fn set_limit(pid: u32, resource: libc::__rlimit_resource_t, soft: u64, hard:
     let rc = unsafe { libc::prlimit(pid as libc::pid_t, resource, &limit, std::ptr::null_mut()) };
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
 }
+
+/// `git -C dir args` with no user or system config, the author and committer date set when
+/// `date` is given; its output, trimmed.
+pub fn git_at(dir: &Path, args: &[&str], date: Option<&str>) -> String {
+    let mut c = Command::new("git");
+    c.arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1");
+    if let Some(d) = date {
+        c.env("GIT_AUTHOR_DATE", d).env("GIT_COMMITTER_DATE", d);
+    }
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    git_at(dir, args, None)
+}
+
+/// Commits everything in `dir` as `who <email>` (at `date`, if given); the new commit.
+pub fn commit_as(dir: &Path, who: &str, email: &str, message: &str, date: Option<&str>) -> String {
+    git(dir, &["add", "-A"]);
+    let (name, mail) = (format!("user.name={who}"), format!("user.email={email}"));
+    git_at(
+        dir,
+        &["-c", &name, "-c", &mail, "commit", "-q", "-m", message],
+        date,
+    );
+    git(dir, &["rev-parse", "HEAD"])
+}
