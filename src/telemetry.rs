@@ -135,10 +135,6 @@ fn describe() {
         "From the webhook's arrival to the postback's delivery (holds included), by postback."
     );
     describe_counter!(RELOADS, "Config reloads, by result (success, failure).");
-    describe_counter!(
-        ACTION_ATTEMPTS,
-        "Attempts by action kind (http, email, slack, ...) and result class."
-    );
     describe_gauge!(
         PAUSED,
         "1 while a destination is paused after failing delivery.pause_after attempts in a row."
@@ -174,11 +170,6 @@ pub fn register_plan(plan: &Plan) {
     }
     for r in ["success", "failure"] {
         metrics::counter!(RELOADS, "result" => r).increment(0);
-    }
-    for k in crate::actions::KINDS {
-        for r in RESULTS {
-            metrics::counter!(ACTION_ATTEMPTS, "kind" => k, "result" => r).increment(0);
-        }
     }
     for d in plan.destinations() {
         metrics::gauge!(PAUSED, "destination" => d.clone()).increment(0.0);
@@ -240,17 +231,21 @@ pub fn delivery(postback: &str, outcome: &str) {
     }
 }
 
+/// Attempts by action kind and result class: a fixed table of atomics, every series
+/// there from the start (an attempt is counted without a registry lookup).
+static KIND_ATTEMPTS: [[AtomicU64; RESULTS.len()]; crate::actions::KINDS.len()] =
+    [const { [const { AtomicU64::new(0) }; RESULTS.len()] }; crate::actions::KINDS.len()];
+
 /// An attempt of an action kind ended in one of the [`RESULTS`] classes.
 pub fn action_attempt(kind: &'static str, result: &str) {
-    if kind.is_empty() {
+    let Some(k) = crate::actions::KINDS.iter().position(|x| *x == kind) else {
         return;
-    }
+    };
     let r = RESULTS
         .iter()
-        .find(|r| **r == result)
-        .copied()
-        .unwrap_or("error");
-    metrics::counter!(ACTION_ATTEMPTS, "kind" => kind, "result" => r).increment(1);
+        .position(|x| *x == result)
+        .unwrap_or(RESULTS.len() - 1);
+    KIND_ATTEMPTS[k][r].fetch_add(1, Relaxed);
 }
 
 /// An attempt ended in one of the [`RESULTS`] classes (`error` for anything else).
@@ -304,6 +299,17 @@ fn render_postbacks(out: &mut String) {
         for (r, n) in RESULTS.iter().zip(&c.attempts) {
             let n = n.load(Relaxed);
             let _ = writeln!(out, "{ATTEMPTS}{{postback=\"{id}\",result=\"{r}\"}} {n}");
+        }
+    }
+    head(
+        out,
+        ACTION_ATTEMPTS,
+        "Delivery attempts, by action kind (http, email, slack, ...) and result class.",
+    );
+    for (k, row) in crate::actions::KINDS.iter().zip(&KIND_ATTEMPTS) {
+        for (r, n) in RESULTS.iter().zip(row) {
+            let n = n.load(Relaxed);
+            let _ = writeln!(out, "{ACTION_ATTEMPTS}{{kind=\"{k}\",result=\"{r}\"}} {n}");
         }
     }
 }

@@ -258,16 +258,22 @@ impl Message {
         }
     }
 
-    /// The body as the delivery log keeps it. A mail's is the whole message as rendered:
-    /// its headers, a blank line, the text, then the HTML part.
-    pub fn logged_body(&self) -> Option<String> {
-        let body = self
-            .body()
-            .filter(|b| !b.is_empty())
-            .map(|b| String::from_utf8_lossy(b).into_owned());
-        let Message::Mail(m) = self else {
-            return body;
+    /// The body as the delivery log keeps it, its first `limit` bytes. A mail's is the
+    /// whole message as rendered: its headers, a blank line, the text, then the HTML part.
+    pub fn logged_body(&self, limit: usize) -> Option<String> {
+        // Cut where a UTF-8 character starts: only the part kept is copied.
+        let cut = |b: &[u8]| {
+            let mut end = b.len().min(limit);
+            while end > 0 && end < b.len() && (b[end] & 0xC0) == 0x80 {
+                end -= 1;
+            }
+            String::from_utf8_lossy(&b[..end]).into_owned()
         };
+        let body = self.body().filter(|b| !b.is_empty());
+        let Message::Mail(m) = self else {
+            return body.map(cut);
+        };
+        let body = body.map(|b| String::from_utf8_lossy(b).into_owned());
         let mut out: String = m
             .headers
             .iter()
@@ -279,7 +285,7 @@ impl Message {
             out.push_str("\n\n--- html ---\n");
             out.push_str(h);
         }
-        Some(out)
+        Some(cut(out.as_bytes()))
     }
 }
 

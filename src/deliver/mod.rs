@@ -245,7 +245,7 @@ impl Deliverer {
             duration_ms,
             method: shown.method().into(),
             url: shown.target().to_string(),
-            request_body: shown.logged_body().map(|b| cut(&b, 4096)),
+            request_body: shown.logged_body(4096),
             response_status: status,
             response_body: body.map(|b| plan.scrub(&b)),
             error: error.map(|e| plan.scrub(&e)),
@@ -270,15 +270,6 @@ impl Deliverer {
         };
         send(&t, m, timeout).await
     }
-}
-
-/// The first `limit` bytes of a text, cut at a character boundary.
-fn cut(s: &str, limit: usize) -> String {
-    let mut end = s.len().min(limit);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_string()
 }
 
 /// What sends messages: the HTTP client behind the egress policy, the SMTP pools, the
