@@ -99,31 +99,43 @@ pub fn postback_changes(
     plan: &Plan,
     changes: &LineChanges,
 ) -> std::collections::HashMap<String, git::LineChange> {
-    let mut starts: std::collections::HashMap<&std::path::Path, Vec<u64>> = Default::default();
+    use std::collections::HashMap;
+    // Per file: the postbacks' first lines, and the changed lines, both sorted, so each
+    // block is found by two binary searches.
+    let mut starts: HashMap<&std::path::Path, Vec<u64>> = HashMap::new();
     for p in &plan.postbacks {
         starts
             .entry(&p.origin.file)
             .or_default()
             .push(p.origin.line);
     }
-    for v in starts.values_mut() {
-        v.sort_unstable();
+    let mut lines: HashMap<&std::path::Path, Vec<(u64, &git::LineChange)>> = HashMap::new();
+    for ((f, line), c) in changes {
+        lines.entry(f.as_path()).or_default().push((*line, c));
     }
+    starts.values_mut().for_each(|v| v.sort_unstable());
+    lines
+        .values_mut()
+        .for_each(|v| v.sort_unstable_by_key(|(l, _)| *l));
     let head = plan.git.as_ref().map(|g| &g.commit);
-    let mut out = std::collections::HashMap::new();
+    let mut out = HashMap::new();
     for p in &plan.postbacks {
-        let file = &p.origin.file;
-        let end = starts[file.as_path()]
-            .iter()
-            .find(|l| **l > p.origin.line)
+        let file = p.origin.file.as_path();
+        let Some(changed) = lines.get(file) else {
+            continue;
+        };
+        let s = &starts[file];
+        let end = s[s.partition_point(|l| *l <= p.origin.line)..]
+            .first()
             .copied()
             .unwrap_or(u64::MAX);
-        let newest = changes
+        let from = changed.partition_point(|(l, _)| *l < p.origin.line);
+        let to = changed.partition_point(|(l, _)| *l < end);
+        let newest = changed[from..to]
             .iter()
-            .filter(|((f, line), _)| f == file && *line >= p.origin.line && *line < end)
-            .map(|(_, c)| c)
+            .map(|(_, c)| *c)
             // Newest first; within one second, the checkout's own commit is the newest.
-            .max_by_key(|c| (c.date.clone(), Some(&c.commit) == head));
+            .max_by_key(|c| (c.date.as_str(), Some(&c.commit) == head));
         if let Some(c) = newest {
             out.insert(p.id.clone(), c.clone());
         }

@@ -118,12 +118,12 @@ impl Scope<'_> {
     /// An optional field: one that reads a parameter the event does not have renders
     /// empty (and is left out) rather than failing the delivery.
     pub fn optional(&self, part: &str, id: &TemplateId) -> Result<String, RenderError> {
-        match self.text(part, id) {
-            Err(RenderError::Template { message, .. }) if message.contains("undefined value") => {
-                Ok(String::new())
-            }
-            other => other,
-        }
+        self.engine
+            .render_or_empty(id, self.ctx)
+            .map_err(|message| RenderError::Template {
+                part: part.to_string(),
+                message,
+            })
     }
 
     /// A literal value or its shown form.
@@ -516,18 +516,4 @@ pub fn compile_fields(
         .iter()
         .filter_map(|(k, v)| b.template(v).map(|t| (k.clone(), t)))
         .collect()
-}
-
-/// An API's error message, from a JSON body, for the log: the first of `paths` (dotted)
-/// that holds a string or number.
-pub fn json_message(body: &str, paths: &[&str]) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_str(body).ok()?;
-    paths.iter().find_map(|p| {
-        let got = p.split('.').try_fold(&v, |cur, seg| cur.get(seg))?;
-        match got {
-            serde_json::Value::String(s) => Some(s.clone()),
-            serde_json::Value::Number(n) => Some(n.to_string()),
-            _ => None,
-        }
-    })
 }

@@ -64,12 +64,16 @@ pub struct HttpAnswer {
 /// The answer of an HTTP API, or the outcome when there was none (timeout, refused
 /// connection, TLS, blocked). Each kind judges the answer its API's way.
 pub fn answered(result: Result<HttpAnswer, SendError>) -> Result<HttpAnswer, Outcome> {
-    let e = match result {
-        Ok(a) => return Ok(a),
-        Err(SendError::Blocked(b)) => return Err(Outcome::Blocked(b)),
-        Err(SendError::Http(e)) => e,
+    result.map_err(unanswered)
+}
+
+/// How a request that got no answer ended: blocked, timed out, refused, TLS, or else.
+pub fn unanswered(e: SendError) -> Outcome {
+    let e = match e {
+        SendError::Blocked(b) => return Outcome::Blocked(b),
+        SendError::Http(e) => e,
     };
-    Err(if e.is_timeout() {
+    if e.is_timeout() {
         Outcome::Timeout(error_chain(&e))
     } else if e.is_connect() {
         let chain = error_chain(&e);
@@ -84,7 +88,7 @@ pub fn answered(result: Result<HttpAnswer, SendError>) -> Result<HttpAnswer, Out
         }
     } else {
         Outcome::Other(error_chain(&e))
-    })
+    }
 }
 
 /// The error and its causes on one line ("error sending request: connection refused").

@@ -8,7 +8,7 @@
 //! goes as soon as it holds `batch_rows`. Each delivery still keeps its own record,
 //! attempts and outcome: every row of a batch gets the batch's answer. A 429 backs off.
 
-use super::outcome::{answered, HttpAnswer, SendError};
+use super::outcome::{unanswered, HttpAnswer, SendError};
 use super::{Action, Answer, Build, Message, Outcome, RenderError, Request, Scope, Target};
 use crate::render::template::TemplateId;
 use base64::Engine as _;
@@ -394,13 +394,11 @@ fn cache_key(a: &Account) -> String {
 }
 
 fn failed(e: SendError) -> Appended {
-    match answered(Err(e)) {
-        Ok(_) => unreachable!("an error is never an answer"),
-        Err(o) => Appended::Failed {
-            class: o.class(),
-            why: o.parts().2.unwrap_or_default(),
-            retryable: o.retryable(),
-        },
+    let o = unanswered(e);
+    Appended::Failed {
+        class: o.class(),
+        why: o.parts().2.unwrap_or_default(),
+        retryable: o.retryable(),
     }
 }
 

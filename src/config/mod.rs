@@ -228,7 +228,7 @@ pub fn load_dir(dir: &Path) -> Result<Plan, ConfigErrors> {
         engine: c.engine,
         secrets,
         template_secrets: c.template_secrets.into(),
-        macros: c.macros.into_keys().collect(),
+        macros: c.macros.into_iter().collect(),
     })
 }
 
@@ -412,8 +412,8 @@ struct Compiler {
     /// `delivery.destinations` keys with where they were written, checked once every
     /// postback's destination is known.
     destination_keys: Vec<(String, u64, u64)>,
-    /// Parameter names declared under `macros:` (in a rule file or a source), with where.
-    macros: HashMap<String, (PathBuf, u64)>,
+    /// Parameter names declared under `macros:` (in a rule file or a source).
+    macros: std::collections::BTreeSet<String>,
 }
 
 /// Where a postback's errors point and what they are about.
@@ -533,9 +533,7 @@ impl Compiler {
                 Some("use it as it is; declare only names postbackd has no field for".into()),
             );
         } else {
-            self.macros
-                .entry(name.to_string())
-                .or_insert_with(|| (file.to_path_buf(), m.referenced.line()));
+            self.macros.insert(name.to_string());
         }
     }
 

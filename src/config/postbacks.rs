@@ -75,7 +75,7 @@ impl Compiler {
             }
             if canonical_name(head).is_some()
                 || EXTRA_NAMES.contains(&head)
-                || self.macros.contains_key(head)
+                || self.macros.contains(head)
             {
                 continue;
             }

@@ -265,6 +265,19 @@ impl Engine {
     }
 
     pub fn render(&self, id: &TemplateId, ctx: &Value) -> Result<String, String> {
+        self.render_raw(id, ctx).map_err(describe)
+    }
+
+    /// Like [`Engine::render`], but a template that reads an undefined value (a parameter
+    /// the event lacks) renders empty: for optional fields, which are then left out.
+    pub fn render_or_empty(&self, id: &TemplateId, ctx: &Value) -> Result<String, String> {
+        match self.render_raw(id, ctx) {
+            Err(e) if e.kind() == ErrorKind::UndefinedError => Ok(String::new()),
+            other => other.map_err(describe),
+        }
+    }
+
+    fn render_raw(&self, id: &TemplateId, ctx: &Value) -> Result<String, Error> {
         match self.templates.get(id.0 as usize) {
             Some(Compiled::Simple {
                 simple,
@@ -275,15 +288,15 @@ impl Engine {
                 None => self
                     .env
                     .template_from_named_str(escape.suffix(), source)
-                    .and_then(|t| t.render(ctx))
-                    .map_err(describe),
+                    .and_then(|t| t.render(ctx)),
             },
-            Some(Compiled::Jinja { name, .. }) => self
-                .env
-                .get_template(name)
-                .and_then(|t| t.render(ctx))
-                .map_err(describe),
-            None => Err(format!("no template {}", id.0)),
+            Some(Compiled::Jinja { name, .. }) => {
+                self.env.get_template(name).and_then(|t| t.render(ctx))
+            }
+            None => Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("no template {}", id.0),
+            )),
         }
     }
 
