@@ -222,7 +222,9 @@ impl Engine {
                     continue;
                 }
             };
-            let end = after.find(close).unwrap_or(after.len());
+            // The close is looked for after the opening's second character: `{%}` is
+            // an opening with no close, not an empty block.
+            let end = after[1..].find(close).map_or(after.len(), |e| e + 1);
             // String literals may hold a `|` of their own: leave them out.
             let mut block = String::new();
             let mut quote = None;
@@ -260,6 +262,13 @@ impl Engine {
     pub fn add_condition(&mut self, expr: &str) -> Result<(TemplateId, Vec<String>), String> {
         // Compile once as an expression for a clear syntax error, then as a template that
         // prints 1 when it holds, so the plan owns it without borrowing the environment.
+        // A delimiter outside a string would end the `{% if %}` it is wrapped in (and
+        // minijinja 2.24's lexer panics on some, such as `}}0`).
+        if let Some(d) = delimiter_outside_strings(expr) {
+            return Err(format!(
+                "a condition cannot hold the template delimiter `{d}`; write the expression alone"
+            ));
+        }
         self.env.compile_expression(expr).map_err(describe)?;
         self.add(&format!("{{% if {expr} %}}1{{% endif %}}"), Escape::Plain)
     }
@@ -363,6 +372,30 @@ pub(crate) fn apply_escape(out: &mut String, value: &Value, escape: Escape) -> O
         }
     }
     Some(())
+}
+
+/// The first template delimiter (`{{`, `}}`, `{%`, `%}`, `{#`, `#}`) in an expression that
+/// is not inside a quoted string.
+fn delimiter_outside_strings(expr: &str) -> Option<&'static str> {
+    const DELIMITERS: [&str; 6] = ["{{", "}}", "{%", "%}", "{#", "#}"];
+    let b = expr.as_bytes();
+    let mut quote: Option<u8> = None;
+    let mut i = 0;
+    while i < b.len() {
+        match quote {
+            Some(_) if b[i] == b'\\' => i += 1,
+            Some(q) if b[i] == q => quote = None,
+            Some(_) => {}
+            None if b[i] == b'"' || b[i] == b'\'' => quote = Some(b[i]),
+            None => {
+                if let Some(d) = DELIMITERS.iter().find(|d| b[i..].starts_with(d.as_bytes())) {
+                    return Some(d);
+                }
+            }
+        }
+        i += 1;
+    }
+    None
 }
 
 /// A value as text for a filter: a missing value is empty.

@@ -179,3 +179,25 @@ fn braces_that_are_not_macros_pass_through() {
     assert_eq!(expand_shorthand("{{ x }} {% if y %}"), "{{ x }} {% if y %}");
     assert_eq!(expand_shorthand("ü{clickid}"), "ü{{ clickid }}");
 }
+
+#[test]
+fn a_condition_with_template_delimiters_is_an_error_not_a_panic() {
+    let mut e = Engine::new();
+    for expr in ["}}0", "a %} b", "{{ x }}", "x #}", "{% if %}"] {
+        let err = e.add_condition(expr).unwrap_err();
+        assert!(err.contains("delimiter"), "{expr}: {err}");
+    }
+    assert!(e.add_condition("payout > 0 and country != \"US\"").is_ok());
+    assert!(
+        e.add_condition("note == \"}}\"").is_ok(),
+        "inside a string it is text"
+    );
+}
+
+#[test]
+fn an_opening_that_overlaps_its_close_is_an_error_not_a_panic() {
+    let mut e = Engine::new();
+    for src in ["{%}", "{{}", "a {%} b", "{{}}"] {
+        let _ = e.add(src, Escape::Plain);
+    }
+}
