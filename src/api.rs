@@ -197,7 +197,7 @@ async fn retry_many(
     let filter = RetryFilter {
         id: None,
         postback: req.postback,
-        state: req.state,
+        state: req.state.as_deref().and_then(DeliveryState::parse),
         since: instant("since", &req.since)?,
         until: instant("until", &req.until)?,
     };

@@ -6,7 +6,7 @@
 //! - [`ingest`]: HTTP requests from trackers → canonical [`ingest::event::Event`]s;
 //! - [`plan`]: which postbacks an event fires (indexed matching);
 //! - [`render`]: a postback + an event → the exact HTTP request (minijinja macros);
-//! - [`store`]: the durable queue and delivery log in SQLite, group-committed;
+//! - [`store`]: the durable queue and delivery log (embedded SQLite or shared PostgreSQL), group-committed;
 //! - [`deliver`]: claims due deliveries, sends them, judges answers, schedules retries.
 //!
 //! [`reload`] loads the config at start-up and on every reload; [`server`] wires the HTTP routes, [`api`] the admin API and [`cli`] the commands; [`run`]
@@ -81,6 +81,9 @@ pub struct Options {
     pub listen: Option<SocketAddr>,
     /// Overrides `data_dir` from `postbackd.yaml`.
     pub data_dir: Option<PathBuf>,
+    /// Overrides `store` from `postbackd.yaml`: `sqlite` or a `postgres://` connection
+    /// string (`--store`, `POSTBACKD_STORE`).
+    pub store: Option<String>,
     /// Reload when files in the config directory change (SIGHUP and `POST /-/reload`
     /// work either way).
     pub watch: bool,
@@ -116,7 +119,7 @@ pub async fn run_plan(
     let started_ms = now_ms();
     let metrics_handle = telemetry::install();
     telemetry::register_plan(&plan);
-    let store = store::Store::open(&plan.settings.data_dir)?;
+    let store = store::Store::open(&plan.settings.store()).await?;
     // TLS is decided at start (like `listen`); a renewed certificate at the same paths is
     // picked up without a restart.
     let tls = match &plan.settings.server.tls {
@@ -140,7 +143,7 @@ pub async fn run_plan(
         commit = %plan.git.as_ref().map(|g| &g.commit[..12.min(g.commit.len())]).unwrap_or("-"),
         offers = plan.offers.len(),
         postbacks = plan.postbacks.len(),
-        store = %store.path.display(),
+        store = %store.location(),
         max_connections = server::conns::connection_cap(&plan.settings.server, plan.settings.delivery.concurrency),
         tls = tls.is_some(),
         "listening"

@@ -20,6 +20,8 @@ pub const ALL_OFFERS: &str = "*";
 pub struct Settings {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// A shared PostgreSQL store instead of the embedded one in `data_dir`.
+    pub postgres: Option<crate::store::PgUrl>,
     pub delivery: DeliverySettings,
     pub log_json: bool,
     pub log_level: String,
@@ -49,6 +51,16 @@ pub struct ServerSettings {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The listener speaks TLS with this certificate chain and key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+impl Settings {
+    /// Where the store is: the PostgreSQL database when one is set, else `data_dir`.
+    pub fn store(&self) -> crate::store::Location {
+        match &self.postgres {
+            Some(pg) => crate::store::Location::Postgres(pg.clone()),
+            None => crate::store::Location::Sqlite(self.data_dir.clone()),
+        }
+    }
 }
 
 impl Default for ServerSettings {

@@ -6,7 +6,7 @@
 //! running one keeps serving. Reloads come from SIGHUP, `POST /-/reload` and the directory
 //! watcher, and run one at a time.
 //!
-//! `listen` and `data_dir` are fixed for the life of the process: a reload that changes them
+//! `listen`, `data_dir` and `store` are fixed for the life of the process: a reload that changes them
 //! applies everything else and says that those two wait for a restart.
 
 use crate::config::{self, git, ConfigErrors};
@@ -28,6 +28,13 @@ pub fn load(opts: &Options) -> Result<Plan, ConfigErrors> {
     }
     if let Some(d) = &opts.data_dir {
         plan.settings.data_dir = d.clone();
+    }
+    if let Some(s) = &opts.store {
+        // Checked by the command line before it gets here.
+        plan.settings.postgres = match s.trim() {
+            "" | "sqlite" => None,
+            url => crate::store::PgUrl::parse(url, None).ok(),
+        };
     }
     for a in &opts.allow_networks {
         crate::deliver::egress::allow(&mut plan.settings.delivery, a.clone());
@@ -82,8 +89,13 @@ pub struct Reloaded {
 pub struct Reloader {
     opts: Options,
     pub plan: Arc<ArcSwap<Plan>>,
-    /// `listen`, `data_dir` and `server.tls` as the process started with them.
-    pinned: (std::net::SocketAddr, PathBuf, Option<(PathBuf, PathBuf)>),
+    /// `listen`, `data_dir`, `server.tls` and `store` as the process started with them.
+    pinned: (
+        std::net::SocketAddr,
+        PathBuf,
+        Option<(PathBuf, PathBuf)>,
+        Option<crate::store::PgUrl>,
+    ),
     running: tokio::sync::Mutex<()>,
     status: Mutex<ReloadStatus>,
     /// `git blame` of the running config's files, read on first use: (config hash, changes).
@@ -150,6 +162,7 @@ impl Reloader {
             p.settings.listen,
             p.settings.data_dir.clone(),
             p.settings.server.tls.clone(),
+            p.settings.postgres.clone(),
         );
         drop(p);
         Reloader {
@@ -280,6 +293,10 @@ impl Reloader {
         if plan.settings.server.tls != self.pinned.2 {
             needs_restart.push("server.tls".to_string());
             plan.settings.server.tls = self.pinned.2.clone();
+        }
+        if plan.settings.postgres != self.pinned.3 {
+            needs_restart.push("store".to_string());
+            plan.settings.postgres = self.pinned.3.clone();
         }
         metrics::counter!(crate::telemetry::RELOADS, "result" => "success").increment(1);
         status.ok = true;

@@ -34,6 +34,10 @@ enum Command {
         /// Data directory for the store (overrides `data_dir`).
         #[arg(long, env = "POSTBACKD_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// The store: `sqlite` (a file in the data directory) or a PostgreSQL connection
+        /// string, postgres://user:password@host:5432/db (overrides `store`).
+        #[arg(long, env = "POSTBACKD_STORE", hide_env_values = true)]
+        store: Option<String>,
         /// Log format, `text` or `json` (overrides `log.format`).
         #[arg(long, env = "POSTBACKD_LOG_FORMAT", value_parser = ["text", "json"])]
         log_format: Option<String>,
@@ -149,6 +153,7 @@ pub fn main() -> ExitCode {
             dir,
             listen,
             data_dir,
+            store,
             log_format,
             log_level,
             admin_token_file,
@@ -162,6 +167,14 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if let Some(url) = store.as_deref().map(str::trim) {
+                if !matches!(url, "" | "sqlite") {
+                    if let Err(e) = crate::store::PgUrl::parse(url, None) {
+                        eprintln!("error: --store: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             let mut allowed = Vec::new();
             for a in &allow_networks {
                 match crate::deliver::egress::parse_allowed(a) {
@@ -176,6 +189,7 @@ pub fn main() -> ExitCode {
                 config_dir: dir,
                 listen,
                 data_dir,
+                store,
                 watch: !no_watch,
                 allow_networks: allowed,
                 log_json: log_format.map(|f| f == "json"),

@@ -80,6 +80,8 @@ impl<'de> Deserialize<'de> for OneOrMany {
 pub struct RawSettings {
     pub listen: Option<Spanned<String>>,
     pub data_dir: Option<Spanned<String>>,
+    /// `sqlite` (the default, in `data_dir`) or a `postgres://` connection string.
+    pub store: Option<Spanned<String>>,
     pub delivery: Option<RawDeliverySettings>,
     pub log: Option<RawLog>,
     /// How long finished deliveries, their attempts and received events are kept.

@@ -35,6 +35,27 @@ impl Compiler {
             }
             None => dir.join("data"),
         };
+        let postgres = match &raw.store {
+            Some(st) => {
+                let (real, shown) = self.expand_pair(&cx, st);
+                match real.trim() {
+                    "" | "sqlite" => None,
+                    url => match crate::store::PgUrl::parse(url, shown) {
+                        Ok(pg) => Some(pg),
+                        Err(e) => {
+                            self.err(
+                                &cx,
+                                st,
+                                format!("store: {e}"),
+                                Some("write sqlite (the default: a file in data_dir) or postgres://postbackd:${env:PGPASSWORD}@db:5432/postbackd".into()),
+                            );
+                            None
+                        }
+                    },
+                }
+            }
+            None => None,
+        };
         let mut delivery = DeliverySettings::default();
         if let Some(d) = &raw.delivery {
             if let Some(t) = &d.timeout {
@@ -222,6 +243,7 @@ impl Compiler {
             server,
             listen,
             data_dir,
+            postgres,
             delivery,
             log_json,
             log_level,

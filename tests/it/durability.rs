@@ -1,5 +1,7 @@
-//! What survives a crash, and what order deliveries keep.
+//! What survives a crash, and what order deliveries keep: each test runs on the embedded
+//! store and on PostgreSQL.
 
+use crate::pg::Backend;
 use crate::support::*;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -10,8 +12,8 @@ fn rules(dir: &std::path::Path, text: &str) {
 
 /// Webhooks flow while the daemon is SIGKILLed; after a restart on the same store, every
 /// acknowledged conversion's postback arrives at the receiver.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_under_load_loses_no_acknowledged_postback() {
+async fn sigkill_under_load_loses_no_acknowledged_postback(b: Backend) {
+    let env = b.env();
     let sink = Sink::start().await;
     let cfg = tempfile::tempdir().unwrap();
     rules(
@@ -19,7 +21,7 @@ async fn sigkill_under_load_loses_no_acknowledged_postback() {
         &format!("postbacks:\n  - id: pb\n    trigger: conversion\n    retry: [100ms, 200ms, 500ms]\n    http:\n      url: \"http://{}/pb?cid={{clickid}}\"\n", sink.addr),
     );
     let data = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start_with(cfg.path(), data.path(), &[]);
+    let mut d = Daemon::start_with(cfg.path(), data.path(), &env_refs(&env));
     let url = d.url("/postback");
     // The sender keeps 16 requests in flight until the daemon stops answering (the kill),
     // so the kill always lands mid-load.
@@ -58,7 +60,7 @@ async fn sigkill_under_load_loses_no_acknowledged_postback() {
         "the kill landed mid-load: {} acked, {failed} failed",
         acked.len()
     );
-    let d2 = Daemon::start_with(cfg.path(), data.path(), &[]);
+    let d2 = Daemon::start_with(cfg.path(), data.path(), &env_refs(&env));
     let start = std::time::Instant::now();
     loop {
         let got: HashSet<String> = sink
@@ -100,8 +102,8 @@ async fn sigkill_under_load_loses_no_acknowledged_postback() {
     );
 }
 
-#[tokio::test]
-async fn a_delayed_postback_is_cancelled_when_the_conversion_changes() {
+async fn a_delayed_postback_is_cancelled_when_the_conversion_changes(b: Backend) {
+    let env = b.env();
     let sink = Sink::start().await;
     let cfg = tempfile::tempdir().unwrap();
     rules(
@@ -111,7 +113,7 @@ async fn a_delayed_postback_is_cancelled_when_the_conversion_changes() {
             a = sink.addr
         ),
     );
-    let d = Daemon::start(cfg.path());
+    let d = Daemon::start_on(cfg.path(), &env);
     let (_, ok) = get_json(&d.url("/postback?clickid=kept&status=approved")).await;
     assert_eq!(ok["queued"], 1);
     let (_, r) = get_json(&d.url("/postback?clickid=fraud&status=approved")).await;
@@ -146,8 +148,8 @@ async fn a_delayed_postback_is_cancelled_when_the_conversion_changes() {
     );
 }
 
-#[tokio::test]
-async fn deliveries_for_one_conversion_keep_their_order() {
+async fn deliveries_for_one_conversion_keep_their_order(b: Backend) {
+    let env = b.env();
     let sink = Sink::start().await;
     let cfg = tempfile::tempdir().unwrap();
     rules(
@@ -169,7 +171,7 @@ async fn deliveries_for_one_conversion_keep_their_order() {
             (200, "ok".into())
         }
     });
-    let d = Daemon::start(cfg.path());
+    let d = Daemon::start_on(cfg.path(), &env);
     get_json(&d.url("/postback?tid=A&clickid=c&status=pending")).await;
     get_json(&d.url("/postback?tid=A&status=approved")).await;
     get_json(&d.url("/postback?tid=B&clickid=c2&status=approved")).await;
@@ -188,11 +190,11 @@ async fn deliveries_for_one_conversion_keep_their_order() {
     assert!(b_pos < 2, "another conversion runs in parallel: {got:?}");
 }
 
-#[tokio::test]
-async fn sigterm_stops_cleanly() {
+async fn sigterm_stops_cleanly(b: Backend) {
+    let env = b.env();
     let cfg = tempfile::tempdir().unwrap();
     rules(cfg.path(), "postbacks: []\n");
-    let mut d = Daemon::start(cfg.path());
+    let mut d = Daemon::start_on(cfg.path(), &env);
     let (code, _) = get_json(&d.url("/-/ready")).await;
     assert_eq!(code, 200);
     let pid = d.child.id().to_string();
@@ -219,3 +221,36 @@ async fn sigterm_stops_cleanly() {
         d.logs()
     );
 }
+
+fn env_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// Each scenario as a test on either store.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+on_both!(
+    sigkill_under_load_loses_no_acknowledged_postback,
+    a_delayed_postback_is_cancelled_when_the_conversion_changes,
+    deliveries_for_one_conversion_keep_their_order,
+    sigterm_stops_cleanly,
+);

@@ -12,6 +12,7 @@ mod egress;
 mod fuzz;
 mod log;
 mod metrics;
+mod pg;
 mod reload;
 mod rules;
 mod secrets;

@@ -179,6 +179,15 @@ impl Daemon {
         d
     }
 
+    /// Starts on a fresh data directory with this environment (for instance a store).
+    pub fn start_on(config: &Path, env: &[(String, String)]) -> Daemon {
+        let data = tempfile::tempdir().unwrap();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut d = Daemon::start_with(config, data.path(), &env);
+        d._data_guard = Some(data);
+        d
+    }
+
     pub fn start_with(config: &Path, data: &Path, env: &[(&str, &str)]) -> Daemon {
         Daemon::start_args(config, data, env, &[])
     }

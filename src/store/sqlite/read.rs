@@ -1,44 +1,9 @@
 //! Reads for the delivery log, on the read-only connection.
 
-use super::{Attempt, State};
+use crate::store::{
+    page, Attempt, AttemptRow, DeliveryQuery, DeliveryRow, EventQuery, EventRow, State,
+};
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
-
-/// One delivery as the log shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeliveryRow {
-    pub id: i64,
-    pub postback: String,
-    pub offer: String,
-    pub event_id: String,
-    pub state: State,
-    pub status: Option<String>,
-    pub attempts: u32,
-    pub created_at: i64,
-    pub due_at: i64,
-    pub updated_at: i64,
-    pub last_status: Option<u16>,
-    pub last_error: Option<String>,
-    /// The last attempt's result class (`delivered`, `5xx`, `timeout`…).
-    pub last_outcome: Option<String>,
-    pub clickid: Option<String>,
-    pub transaction_id: Option<String>,
-    pub offer_id: Option<String>,
-    pub affiliate_id: Option<String>,
-    pub goal: Option<String>,
-    /// Since when (unix ms) its postback has been missing from the config, while it waits
-    /// for it to come back.
-    pub orphaned_at: Option<i64>,
-    pub attempt_log: Vec<AttemptRow>,
-}
-
-/// One attempt as the log shows it: its number, then what was recorded.
-#[derive(Debug, Clone, Serialize)]
-pub struct AttemptRow {
-    pub attempt: u32,
-    #[serde(flatten)]
-    pub recorded: Attempt,
-}
 
 /// One delivery and its attempts; only if its postback is one of `postbacks` when given (an
 /// affiliate's token sees its own only).
@@ -119,28 +84,6 @@ fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
     })
 }
 
-/// Filters for the delivery log; every one that is set must hold.
-#[derive(Debug, Clone, Default)]
-pub struct DeliveryQuery {
-    pub transaction_id: Option<String>,
-    pub clickid: Option<String>,
-    pub offer: Option<String>,
-    pub affiliate: Option<String>,
-    pub goal: Option<String>,
-    /// Only these postbacks (an affiliate's token sees its own only). `None`: all.
-    pub postbacks: Option<Vec<String>>,
-    pub status: Option<String>,
-    pub state: Option<State>,
-    pub outcome: Option<String>,
-    /// Created at or after (unix ms).
-    pub since: Option<i64>,
-    /// Created before (unix ms).
-    pub until: Option<i64>,
-    /// Older than this id (the cursor of the previous page).
-    pub before_id: Option<i64>,
-    pub limit: usize,
-}
-
 /// A page of deliveries, newest first, and the cursor of the next page if there is one.
 pub(super) fn deliveries(
     c: &Connection,
@@ -193,49 +136,13 @@ pub(super) fn deliveries(
     let limit = q.limit.clamp(1, 1000);
     sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", limit + 1));
     let mut st = c.prepare(&sql)?;
-    let mut rows: Vec<DeliveryRow> = st
+    let rows: Vec<DeliveryRow> = st
         .query_map(
             rusqlite::params_from_iter(args.iter().map(|a| a.as_ref())),
             delivery_row,
         )?
         .collect::<Result<_, _>>()?;
-    let next = (rows.len() > limit).then(|| {
-        rows.truncate(limit);
-        rows.last().map(|r| r.id).unwrap_or_default()
-    });
-    Ok((rows, next))
-}
-
-/// One received event as the log shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct EventRow {
-    pub id: String,
-    pub received_at: i64,
-    pub source: String,
-    pub kind: String,
-    pub clickid: Option<String>,
-    pub transaction_id: Option<String>,
-    pub offer_id: Option<String>,
-    pub affiliate_id: Option<String>,
-    /// The event as received (after field mapping), secrets removed.
-    pub event: serde_json::Value,
-    /// The postbacks it matched.
-    pub matched: serde_json::Value,
-}
-
-/// Filters for the event log.
-#[derive(Debug, Clone, Default)]
-pub struct EventQuery {
-    pub source: Option<String>,
-    pub kind: Option<String>,
-    pub clickid: Option<String>,
-    pub transaction_id: Option<String>,
-    pub offer: Option<String>,
-    pub affiliate: Option<String>,
-    pub since: Option<i64>,
-    pub until: Option<i64>,
-    pub before_rowid: Option<i64>,
-    pub limit: usize,
+    Ok(page(rows, limit, |r| r.id))
 }
 
 /// A page of received events, newest first, and the next page's cursor.
@@ -274,7 +181,7 @@ pub(super) fn events(
     let limit = q.limit.clamp(1, 1000);
     sql.push_str(&format!(" ORDER BY rowid DESC LIMIT {}", limit + 1));
     let mut st = c.prepare(&sql)?;
-    let mut rows: Vec<(i64, EventRow)> = st
+    let rows: Vec<(i64, EventRow)> = st
         .query_map(
             rusqlite::params_from_iter(args.iter().map(|a| a.as_ref())),
             |r| {
@@ -298,9 +205,6 @@ pub(super) fn events(
             },
         )?
         .collect::<Result<_, _>>()?;
-    let next = (rows.len() > limit).then(|| {
-        rows.truncate(limit);
-        rows.last().map(|r| r.0).unwrap_or_default()
-    });
+    let (rows, next) = page(rows, limit, |r| r.0);
     Ok((rows.into_iter().map(|r| r.1).collect(), next))
 }

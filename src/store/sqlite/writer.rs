@@ -12,7 +12,8 @@
 //! error, health turns bad with the reason, and the writer probes the disk every second with
 //! a one-row write until a commit succeeds again.
 
-use super::{ops, Health, StoreError};
+use super::ops;
+use crate::store::{Signals, StoreError};
 use rusqlite::Connection;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -127,14 +128,14 @@ where
 
 pub(super) struct Writer {
     conn: Connection,
-    health: Arc<Health>,
+    health: Arc<Signals>,
     last_logged: Option<Instant>,
     /// Whether the connection is at `synchronous=FULL` (else OFF).
     synced: bool,
 }
 
 impl Writer {
-    pub(super) fn new(conn: Connection, health: Arc<Health>) -> Writer {
+    pub(super) fn new(conn: Connection, health: Arc<Signals>) -> Writer {
         Writer {
             conn,
             health,
@@ -224,7 +225,7 @@ impl Writer {
                     tracing::info!("store writes again; ready");
                     self.last_logged = None;
                 }
-                self.health.set(None);
+                self.health.set_health(None);
                 None
             }
             Err(e) => {
@@ -269,7 +270,7 @@ impl Writer {
 
     /// Records a failed write: health turns bad; the log says so at once, then every 30 s.
     fn failed(&mut self, msg: &str) {
-        self.health.set(Some(msg.to_string()));
+        self.health.set_health(Some(msg.to_string()));
         let due = self
             .last_logged
             .is_none_or(|t| t.elapsed() >= REPEAT_ERROR_LOG);
@@ -315,8 +316,7 @@ mod tests {
         let conn = super::super::open_conn(&dir.path().join("t.db")).unwrap();
         conn.execute_batch("CREATE TABLE t (x INTEGER UNIQUE)")
             .unwrap();
-        let health = Arc::new(Health::default());
-        health.set(None);
+        let health = Signals::new();
         let mut writer = Writer::new(conn, health.clone());
         let after_runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut replies = Vec::new();

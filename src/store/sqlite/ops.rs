@@ -1,14 +1,15 @@
 //! The store's statements: what each command does inside the writer's transaction.
 
-use super::decide;
-use super::{Accepted, Attempt, Claimed, Next, State};
 use crate::ingest::event::Event;
 use crate::plan::Plan;
+use crate::store::model::destination_of;
+use crate::store::{
+    decide, take, Accepted, Attempt, Candidate, Claim, ClaimSpec, Claimed, FinishRow, Lane, Next,
+    RetryFilter, State,
+};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use std::borrow::Cow;
-use std::collections::HashMap;
-use std::sync::Arc;
 
 fn to_json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
@@ -169,119 +170,32 @@ pub(super) const INDEXED: &[&str] = &[
     super::QUEUE_STATS,
 ];
 
-/// The host a postback sends to (empty for a postback the plan no longer has).
-fn destination_of(plan: &Plan, postback_id: &str) -> String {
-    plan.postback(postback_id)
-        .map(|p| p.action.destination().to_string())
-        .unwrap_or_default()
-}
-
-/// Which deliveries a claim looks at: first attempts, retries, or both.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lane {
-    Fresh,
-    Retry,
-    Any,
-}
-
-/// One claim: up to `limit` due deliveries of `lane`, and at most `caps[d]` for each
-/// destination `d` (a destination missing from `caps` has no cap of its own), leaving out
-/// the deliveries the dispatcher already holds.
-pub struct ClaimSpec {
-    pub now: i64,
-    pub lane: Lane,
-    pub limit: usize,
-    pub caps: HashMap<String, usize>,
-    pub plan: Arc<Plan>,
-    /// Ids claimed before and not yet recorded as finished or rescheduled.
-    pub held: Arc<Vec<i64>>,
-}
-
-/// What a claim found: the deliveries to send, whether more were due than it could take (a
-/// limit or a cap was reached), and rows whose stored event cannot be read (to be recorded
-/// dead rather than retried forever).
-pub struct Claim {
-    pub claimed: Vec<Claimed>,
-    pub more: bool,
-    pub unreadable: Vec<i64>,
-}
-
 pub(super) fn claim(c: &Connection, spec: &ClaimSpec) -> rusqlite::Result<Claim> {
     let sql = match spec.lane {
         Lane::Fresh => CLAIM_FRESH,
         Lane::Retry => CLAIM_RETRY,
         Lane::Any => CLAIM_ANY,
     };
-    let destination = |postback_id: &str| destination_of(&spec.plan, postback_id);
-    // Postbacks whose destination is full are left out in SQL, so a large backlog for a
-    // dead destination does not eat the scan.
-    let blocked: Vec<&str> = spec
-        .plan
-        .postbacks
-        .iter()
-        .filter(|p| spec.caps.get(p.action.destination()) == Some(&0))
-        .map(|p| p.id.as_str())
-        .collect();
-    let mut caps = spec.caps.clone();
-    let scan = (spec.limit * 4 + 64 + spec.held.len()) as i64;
     let mut st = c.prepare_cached(sql)?;
     let held = to_json(&*spec.held);
-    let rows = st.query_map(params![spec.now, to_json(&blocked), scan, held], |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, String>(3)?,
-            r.get::<_, u32>(4)?,
-            r.get::<_, i64>(5)?,
-            r.get::<_, bool>(6)?,
-            r.get::<_, Option<String>>(7)?,
-            r.get::<_, Option<i64>>(8)?,
-        ))
-    })?;
-    let mut out = Vec::new();
-    let mut unreadable = Vec::new();
-    let mut more = false;
-    for row in rows {
-        if out.len() >= spec.limit {
-            more = true;
-            break;
-        }
-        let (id, postback_id, offer, event, attempts, created_at, delayed, latest, orphaned_at) =
-            row?;
-        let dest = destination(&postback_id);
-        if let Some(cap) = caps.get_mut(&dest) {
-            if *cap == 0 {
-                more = true;
-                continue;
-            }
-            *cap -= 1;
-        }
-        let Ok(event) = serde_json::from_str::<Event>(&event) else {
-            unreadable.push(id);
-            continue;
-        };
-        out.push(Claimed {
-            id,
-            postback_id,
-            offer,
-            event,
-            latest: latest.and_then(|l| serde_json::from_str(&l).ok()),
-            attempts,
-            created_at,
-            delayed,
-            orphaned_at,
-            destination: dest,
-        });
-    }
-    // A destination left out because it is full may have due work: say there is more, so
-    // the dispatcher claims again when an attempt ends.
-    more |= !blocked.is_empty();
-    Ok(Claim {
-        claimed: out,
-        more,
-        unreadable,
-    })
+    let rows = st.query_map(
+        params![spec.now, to_json(&spec.blocked()), spec.scan(), held],
+        |r| {
+            Ok(Candidate {
+                id: r.get(0)?,
+                postback_id: r.get(1)?,
+                offer: r.get(2)?,
+                event: r.get(3)?,
+                attempts: r.get(4)?,
+                created_at: r.get(5)?,
+                delayed: r.get(6)?,
+                latest: r.get(7)?,
+                orphaned_at: r.get(8)?,
+            })
+        },
+    )?;
+    // A claim here is a read: what it read and did not take is simply not held.
+    Ok(take(spec, rows)?.0)
 }
 
 macro_rules! claim_sql {
@@ -318,35 +232,21 @@ pub(super) fn finish(
     next: &Next,
     reason: Option<&str>,
 ) -> rusqlite::Result<bool> {
-    let now = attempt
-        .map(|a| a.started_at + a.duration_ms)
-        .unwrap_or_else(crate::now_ms);
-    let (state, due, orphaned) = match next {
-        Next::Delivered => (State::Delivered, None, None),
-        Next::Retry { due_at } => (State::Pending, Some(*due_at), None),
-        Next::Dead => (State::Dead, None, None),
-        Next::Cancelled => (State::Cancelled, None, None),
-        Next::Orphaned { since, due_at } => (State::Pending, Some(*due_at), Some(*since)),
-    };
-    let bump = i64::from(attempt.is_some());
-    // An orphan's wait shows as its last outcome; a cancel at the end of the wait keeps it.
-    let outcome = attempt
-        .map(|a| a.outcome.as_str())
-        .or(orphaned.map(|_| "orphaned"));
+    let f = FinishRow::of(attempt, next, reason);
     c.prepare_cached("UPDATE deliveries SET state = ?2, attempts = attempts + ?3, due_at = COALESCE(?4, due_at), updated_at = ?5,
                 last_error = COALESCE(?6, last_error), last_status = COALESCE(?7, last_status),
                 last_outcome = COALESCE(?8, last_outcome), orphaned_at = ?9
          WHERE id = ?1")?.execute(
                 params![
             id,
-            state.code(),
-            bump,
-            due,
-            now,
-            reason.or(attempt.and_then(|a| a.error.as_deref())),
+            f.state.code(),
+            f.bump,
+            f.due,
+            f.now,
+            f.error,
             attempt.and_then(|a| a.response_status),
-            outcome,
-            orphaned,
+            f.outcome,
+            f.orphaned,
         ],
     )?;
     if let Some(a) = attempt {
@@ -355,7 +255,7 @@ pub(super) fn finish(
                         params![id, a.started_at, a.duration_ms, a.method, a.url, a.request_body, a.response_status, a.response_body, a.error, a.outcome, a.config_version, a.config_commit],
         )?;
     }
-    if state == State::Pending {
+    if f.state == State::Pending {
         return Ok(false);
     }
     c.prepare_cached(UNBLOCKS)?.query_row([id], |r| r.get(0))
@@ -395,26 +295,10 @@ pub(super) fn prune(c: &Connection, before: i64, limit: usize) -> rusqlite::Resu
     Ok(ids.len().max(events).max(conversions))
 }
 
-/// Which finished deliveries a hand retry puts back in the queue.
-#[derive(Debug, Clone, Default)]
-pub struct RetryFilter {
-    pub id: Option<i64>,
-    pub postback: Option<String>,
-    /// `dead` (the default), `cancelled` or `delivered`.
-    pub state: Option<String>,
-    /// Unix ms: deliveries created at or after.
-    pub since: Option<i64>,
-    /// Unix ms: deliveries created before.
-    pub until: Option<i64>,
-}
-
 /// Puts matching finished deliveries back in the queue, due now. Returns their ids.
 pub(super) fn retry(c: &Connection, f: &RetryFilter, now: i64) -> rusqlite::Result<Vec<i64>> {
-    let state = match f.state.as_deref() {
-        None | Some("dead") => State::Dead,
-        Some("cancelled") => State::Cancelled,
-        Some("delivered") => State::Delivered,
-        Some(_) => return Ok(Vec::new()),
+    let Some(state) = f.finished_state() else {
+        return Ok(Vec::new());
     };
     let ids: Vec<i64> = c
         .prepare_cached(
