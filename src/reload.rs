@@ -33,7 +33,12 @@ pub fn load(opts: &Options) -> Result<Plan, ConfigErrors> {
         // Checked by the command line before it gets here.
         plan.settings.postgres = match s.trim() {
             "" | "sqlite" => None,
-            url => crate::store::PgUrl::parse(url, None).ok(),
+            url => crate::store::PgUrl::parse(url, None).ok().map(|mut pg| {
+                if let Some(old) = &plan.settings.postgres {
+                    pg.lease = old.lease;
+                }
+                pg
+            }),
         };
     }
     for a in &opts.allow_networks {

@@ -82,6 +82,8 @@ pub struct RawSettings {
     pub data_dir: Option<Spanned<String>>,
     /// `sqlite` (the default, in `data_dir`) or a `postgres://` connection string.
     pub store: Option<Spanned<String>>,
+    /// How long a claimed delivery stays an instance's without renewal (PostgreSQL).
+    pub store_lease: Option<Spanned<String>>,
     pub delivery: Option<RawDeliverySettings>,
     pub log: Option<RawLog>,
     /// How long finished deliveries, their attempts and received events are kept.

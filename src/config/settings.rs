@@ -56,6 +56,16 @@ impl Compiler {
             }
             None => None,
         };
+        let mut postgres = postgres;
+        if let Some(l) = &raw.store_lease {
+            if let Some(d) = self.duration(&cx, l) {
+                if d < Duration::from_secs(1) {
+                    self.err(&cx, l, "store_lease must be at least 1s", None);
+                } else if let Some(pg) = postgres.as_mut() {
+                    pg.lease = d;
+                }
+            }
+        }
         let mut delivery = DeliverySettings::default();
         if let Some(d) = &raw.delivery {
             if let Some(t) = &d.timeout {

@@ -71,6 +71,9 @@ pub struct PgUrl {
     pub url: String,
     /// The same with its password masked, for logs and pages.
     pub shown: String,
+    /// How long a claimed delivery stays an instance's without renewal: an instance that
+    /// died gives its deliveries back after this (`store_lease`, 30 s by default).
+    pub lease: std::time::Duration,
 }
 
 impl PgUrl {
@@ -94,6 +97,7 @@ impl PgUrl {
         Ok(PgUrl {
             url: url.to_string(),
             shown,
+            lease: postgres::LEASE,
         })
     }
 }

@@ -12,8 +12,8 @@
 //!   whoever holds that one.
 //! - **One attempt at a time**: a claim leases what it takes (`FOR UPDATE SKIP LOCKED`, then
 //!   `lease_owner` and `lease_until`); other instances skip leased rows. The keeper renews
-//!   this instance's leases every [`RENEW_EVERY`]; a killed instance's leases run out after
-//!   [`LEASE`] and its deliveries are claimed by the others.
+//!   this instance's leases six times per lease; a killed instance's leases run out after
+//!   the lease ([`LEASE`] unless `store_lease` says otherwise) and its deliveries are claimed by the others.
 //! - **New work wakes the others**: a finish that frees the next delivery of an order key,
 //!   a retry by hand and a revive `NOTIFY`; each instance `LISTEN`s and claims at once.
 //!
@@ -38,10 +38,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::NoTls;
 
-/// How long a claimed delivery stays this instance's without a renewal.
+/// How long a claimed delivery stays this instance's without a renewal, unless
+/// `store_lease` says otherwise. Leases are renewed six times per lease.
 pub const LEASE: Duration = Duration::from_secs(30);
-/// How often leases are renewed and the instance says it is alive.
-pub const RENEW_EVERY: Duration = Duration::from_secs(5);
 /// The `LISTEN`/`NOTIFY` channel for new claimable work.
 const CHANNEL: &str = "postbackd_work";
 /// Connections per instance: the writer, claims, reads, the keeper.
@@ -55,6 +54,10 @@ pub(super) struct Shared {
     me: Arc<str>,
     /// Live instances, as last counted.
     fleet: AtomicUsize,
+    /// How long a lease lasts, in ms.
+    lease_ms: i64,
+    /// How often leases are renewed and the instance says it is alive.
+    renew: Duration,
     last_logged: Mutex<Option<Instant>>,
 }
 
@@ -176,6 +179,8 @@ impl Postgres {
             signals,
             me,
             fleet: AtomicUsize::new(1),
+            lease_ms: pg.lease.as_millis() as i64,
+            renew: pg.lease / 6,
             last_logged: Mutex::new(None),
         });
         read::heartbeat(&shared, true)
@@ -241,17 +246,17 @@ async fn listen(config: tokio_postgres::Config, shared: Arc<Shared>) {
 }
 
 /// Every second while the database is failing, a write that proves it works again; every
-/// [`RENEW_EVERY`], this instance's leases renewed, its heartbeat written and the live
+/// sixth of a lease, this instance's leases renewed, its heartbeat written and the live
 /// instances counted.
 async fn keep(shared: Arc<Shared>) {
     let mut last = Instant::now();
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(shared.renew.min(Duration::from_secs(1))).await;
         if Arc::strong_count(&shared) == 1 {
             return; // the store was dropped
         }
         let probe = !shared.signals.is_ok();
-        if probe || last.elapsed() >= RENEW_EVERY {
+        if probe || last.elapsed() >= shared.renew {
             last = Instant::now();
             match read::heartbeat(&shared, false).await {
                 Ok(n) => {

@@ -2,7 +2,7 @@
 //! heartbeat and lease renewal, retries by hand, revives, pruning in slices, and the
 //! delivery log's reads.
 
-use super::{store_err, Shared, CHANNEL, LEASE, RENEW_EVERY};
+use super::{store_err, Shared, CHANNEL};
 use crate::store::{
     page, take, Attempt, AttemptRow, Candidate, Claim, ClaimSpec, DeliveryQuery, DeliveryRow,
     EventQuery, EventRow, Lane, QueueStats, RetryFilter, State, StoreError,
@@ -51,7 +51,7 @@ pub(super) async fn claim(
             Lane::Retry => CLAIM_RETRY,
             Lane::Any => CLAIM_ANY,
         };
-        let lease_until = crate::now_ms() + LEASE.as_millis() as i64;
+        let lease_until = crate::now_ms() + shared.lease_ms;
         let mut rows = client
             .query(
                 sql,
@@ -117,12 +117,12 @@ pub(super) async fn heartbeat(shared: &Shared, first: bool) -> Result<usize, Sto
                 "UPDATE deliveries SET lease_until = $2 WHERE id IN
                    (SELECT id FROM deliveries WHERE lease_owner = $1 AND state = 0
                     FOR UPDATE SKIP LOCKED)",
-                &[&me, &(now + LEASE.as_millis() as i64)],
+                &[&me, &(now + shared.lease_ms)],
             )
             .await
             .map_err(|e| store_err(shared, e))?;
     }
-    let alive = now - 3 * RENEW_EVERY.as_millis() as i64;
+    let alive = now - 3 * shared.renew.as_millis() as i64;
     let n: i64 = client
         .query_one(
             "SELECT COUNT(*) FROM instances WHERE seen_at > $1",

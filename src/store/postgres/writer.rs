@@ -10,7 +10,7 @@
 //! Deliveries that can go at once are leased to this instance and handed to its
 //! dispatcher right after the commit, before the next batch.
 
-use super::{Shared, LEASE};
+use super::Shared;
 use crate::ingest::event::Event;
 use crate::plan::Plan;
 use crate::store::model::destination_of;
@@ -484,7 +484,7 @@ async fn ingest(
             .map(|r| r.get(0))
             .collect();
         let mut first_of_key: HashSet<&str> = HashSet::new();
-        let lease_until = now + LEASE.as_millis() as i64;
+        let lease_until = now + shared.lease_ms;
         let mut fresh = Vec::with_capacity(made.len());
         for (i, (_, _, _, now_due)) in made.iter().enumerate() {
             let key = rows.order_key[i].as_str();
