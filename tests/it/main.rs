@@ -1,5 +1,8 @@
 //! End-to-end tests: the real binary, real sockets, real files.
 
+#[macro_use]
+mod pg;
+
 mod actions;
 mod check;
 mod connections;
@@ -12,11 +15,11 @@ mod egress;
 mod fuzz;
 mod log;
 mod metrics;
-mod pg;
 mod reload;
 mod rules;
 mod secrets;
 mod signing;
 mod sources;
+mod store;
 mod support;
 mod tls;

@@ -246,3 +246,26 @@ impl Backend {
         }
     }
 }
+
+/// Each scenario (an `async fn(Backend)` of the calling module) as a test on either store:
+/// `sqlite::name` and `postgres::name`.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::pg::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::pg::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}

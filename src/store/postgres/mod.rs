@@ -58,6 +58,8 @@ pub(super) struct Shared {
     lease_ms: i64,
     /// How often leases are renewed and the instance says it is alive.
     renew: Duration,
+    /// Flips when the store is dropped: the listener and the keeper stop.
+    closed: tokio::sync::watch::Sender<bool>,
     last_logged: Mutex<Option<Instant>>,
 }
 
@@ -181,6 +183,7 @@ impl Postgres {
             fleet: AtomicUsize::new(1),
             lease_ms: pg.lease.as_millis() as i64,
             renew: pg.lease / 6,
+            closed: tokio::sync::watch::channel(false).0,
             last_logged: Mutex::new(None),
         });
         read::heartbeat(&shared, true)
@@ -189,8 +192,9 @@ impl Postgres {
         tracing::info!(instance = %shared.me, schema = version, "PostgreSQL store open");
         let (ops, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer::run(shared.clone(), rx));
-        tokio::spawn(listen(config, shared.clone()));
-        tokio::spawn(keep(shared.clone()));
+        let closed = shared.closed.subscribe();
+        tokio::spawn(stop_on(closed.clone(), listen(config, shared.clone())));
+        tokio::spawn(stop_on(closed, keep(shared.clone())));
         Ok(Postgres { shared, ops })
     }
 
@@ -206,6 +210,23 @@ impl Postgres {
     ) -> Result<T, StoreError> {
         self.ops.send(op).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self.shared.closed.send(true);
+    }
+}
+
+/// Runs `task` until the store is dropped.
+async fn stop_on(
+    mut closed: tokio::sync::watch::Receiver<bool>,
+    task: impl std::future::Future<Output = ()>,
+) {
+    tokio::select! {
+        _ = closed.wait_for(|c| *c) => {}
+        _ = task => {}
     }
 }
 
@@ -252,9 +273,6 @@ async fn keep(shared: Arc<Shared>) {
     let mut last = Instant::now();
     loop {
         tokio::time::sleep(shared.renew.min(Duration::from_secs(1))).await;
-        if Arc::strong_count(&shared) == 1 {
-            return; // the store was dropped
-        }
         let probe = !shared.signals.is_ok();
         if probe || last.elapsed() >= shared.renew {
             last = Instant::now();
