@@ -12,6 +12,7 @@ mod disk;
 mod durability;
 mod e2e;
 mod egress;
+mod fleet;
 mod fuzz;
 mod log;
 mod metrics;
