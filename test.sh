@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests and end-to-end tests against the real binary, a real
-# Prometheus and promtool, the Standard Webhooks reference library, a real SMTP server
+# Prometheus and promtool, a real PostgreSQL, the Standard Webhooks reference library, a real SMTP server
 # (aiosmtpd), a container image built with podman, systemd-analyze and a Kubernetes schema
 # checker. Installs what is missing: Debian's packages (prometheus, podman, debootstrap)
 # and PyPI's (standardwebhooks, aiosmtpd, kubernetes-validate).
@@ -49,6 +49,15 @@ fi
 if ! command -v kubernetes-validate >/dev/null; then
   echo "installing kubernetes-validate (pip install kubernetes-validate)" >&2
   python3 -m pip install -q --disable-pip-version-check kubernetes-validate
+fi
+# A real PostgreSQL server for the shared store's tests: Debian's postgresql (initdb and
+# pg_ctl under /usr/lib/postgresql/<version>/bin) and psql. The tests start a throwaway
+# cluster on a free port as the postgres user and stop it at the end.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v psql >/dev/null; then
+  echo "installing postgresql (apt-get install postgresql)" >&2
+  sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends postgresql postgresql-client >/dev/null
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -116,6 +116,28 @@ pub struct DestinationSettings {
 }
 
 impl DeliverySettings {
+    /// These settings for one of `instances` sharing a store: each destination's
+    /// concurrency is divided evenly (at least 1 each) and its rate too, so the fleet
+    /// together keeps the limits the config sets. The global `concurrency` is each
+    /// instance's own.
+    pub fn divided(&self, instances: usize) -> DeliverySettings {
+        let n = instances.max(1);
+        let mut out = self.clone();
+        if n == 1 {
+            return out;
+        }
+        out.per_destination = (self.per_destination / n).max(1);
+        for d in out.destinations.values_mut() {
+            if let Some(c) = d.concurrency.as_mut() {
+                *c = (*c / n).max(1);
+            }
+            if let Some(r) = d.rate.as_mut() {
+                *r /= n as f64;
+            }
+        }
+        out
+    }
+
     /// How many attempts may be in flight to `destination` at once.
     pub fn concurrency_for(&self, destination: &str) -> usize {
         self.destinations

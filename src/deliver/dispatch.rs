@@ -68,6 +68,40 @@ impl Waiting {
     }
 }
 
+/// This instance's share of each destination's limits when several share the store
+/// ([`crate::plan::DeliverySettings::divided`]), made again when the plan or the number of
+/// live instances changes.
+#[derive(Default)]
+struct Share {
+    key: (String, usize),
+    settings: Option<Arc<crate::plan::DeliverySettings>>,
+}
+
+impl Share {
+    fn of(
+        &mut self,
+        plan: &crate::plan::Plan,
+        instances: usize,
+    ) -> Arc<crate::plan::DeliverySettings> {
+        match &self.settings {
+            Some(s) if self.key.0 == plan.hash && self.key.1 == instances => s.clone(),
+            _ => {
+                let key = (plan.hash.clone(), instances);
+                if instances > 1 && self.key.1 != instances {
+                    tracing::info!(
+                        instances,
+                        "per-destination limits divided among the instances sharing the store"
+                    );
+                }
+                let s = Arc::new(plan.settings.delivery.divided(instances));
+                self.key = key;
+                self.settings = Some(s.clone());
+                s
+            }
+        }
+    }
+}
+
 /// How an attempt's decision counts for its destination's breaker.
 fn verdict_of(decision: &super::Decision) -> Verdict {
     let Some(a) = &decision.attempt else {
@@ -153,6 +187,7 @@ impl Deliverer {
         let mut due_checked: Option<Instant> = None;
         // The config version whose postbacks' orphans were last woken.
         let mut revived_for = String::new();
+        let mut share = Share::default();
         loop {
             if *shutdown.borrow() {
                 break;
@@ -172,7 +207,7 @@ impl Deliverer {
             let refill = waiting.total() < gate.inflight().max(1);
             while tasks.try_join_next().is_some() {}
             let plan = self.plan.load_full();
-            let settings = &plan.settings.delivery;
+            let settings = &*share.of(&plan, self.store.instances());
             if plan.hash != revived_for {
                 revived_for = plan.hash.clone();
                 self.revive_orphans(&plan);
@@ -244,7 +279,7 @@ impl Deliverer {
                 }
             }
 
-            self.start_waiting(&mut gate, &mut waiting, &mut tasks, &done_tx);
+            self.start_waiting(settings, &mut gate, &mut waiting, &mut tasks, &done_tx);
 
             // Sleep until an attempt ends, new work is committed, the next delivery falls
             // due, a rate-limited destination earns a token, or shutdown.
@@ -345,6 +380,7 @@ impl Deliverer {
     /// share; then idle slots go to whichever lane still has deliveries waiting.
     fn start_waiting(
         &self,
+        settings: &crate::plan::DeliverySettings,
         gate: &mut Gate,
         waiting: &mut Waiting,
         tasks: &mut JoinSet<()>,
@@ -353,8 +389,6 @@ impl Deliverer {
         if waiting.is_empty() {
             return;
         }
-        let plan = self.plan.load();
-        let settings = &plan.settings.delivery;
         let now = Instant::now();
         for (dest, queues) in waiting.queues.iter_mut() {
             loop {

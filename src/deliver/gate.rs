@@ -508,4 +508,33 @@ mod tests {
         g.take(Lane::Fresh, "a");
         assert!(!g.room(&s, "a", Lane::Any));
     }
+
+    /// Instances sharing a store split each destination's limits: three instances under
+    /// `per_destination: 8` get 2 slots each, a 9/s rate 3/s each, and a limit smaller than
+    /// the fleet still leaves each one slot.
+    #[test]
+    fn a_fleet_divides_each_destinations_limits() {
+        let mut s = settings(64, 8);
+        s.destinations.insert(
+            "slow".into(),
+            DestinationSettings {
+                concurrency: Some(2),
+                rate: Some(9.0),
+            },
+        );
+        let one = s.divided(1);
+        assert_eq!(one.per_destination, 8);
+        let three = s.divided(3);
+        assert_eq!(
+            three.concurrency, 64,
+            "the global limit is each instance's own"
+        );
+        assert_eq!(three.concurrency_for("any"), 2);
+        assert_eq!(three.concurrency_for("slow"), 1);
+        assert_eq!(three.destinations["slow"].rate, Some(3.0));
+        let mut g = Gate::default();
+        g.take(Lane::Fresh, "slow");
+        assert!(!g.room(&three, "slow", Lane::Any));
+        assert!(g.room(&one, "slow", Lane::Any));
+    }
 }

@@ -20,6 +20,9 @@ async fn sigkill_under_load_loses_no_acknowledged_postback(b: Backend) {
         cfg.path(),
         &format!("postbacks:\n  - id: pb\n    trigger: conversion\n    retry: [100ms, 200ms, 500ms]\n    http:\n      url: \"http://{}/pb?cid={{clickid}}\"\n", sink.addr),
     );
+    // A delivery the killed daemon had claimed comes back after its lease (PostgreSQL; the
+    // embedded store takes it back at the next start).
+    std::fs::write(cfg.path().join("postbackd.yaml"), "store_lease: 2s\n").unwrap();
     let data = tempfile::tempdir().unwrap();
     let mut d = Daemon::start_with(cfg.path(), data.path(), &env_refs(&env));
     let url = d.url("/postback");
