@@ -307,3 +307,73 @@ async fn the_database_stops_and_returns_under_load() {
     check_arrivals(&sink, &load.acked, 2 * 64, &logs).await;
     eprintln!("database outage: refused {:?}", load.refused);
 }
+
+/// A destination's concurrency holds for the fleet: two instances under `concurrency: 2`
+/// never have more than two requests open at a slow destination together, where each alone
+/// would take two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destinations_concurrency_holds_for_the_whole_fleet() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (open, most, done) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let (o, m, d) = (open.clone(), most.clone(), done.clone());
+    let app = axum::Router::new().fallback(move || {
+        let (o, m, d) = (o.clone(), m.clone(), d.clone());
+        async move {
+            let now = o.fetch_add(1, Ordering::SeqCst) + 1;
+            m.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            o.fetch_sub(1, Ordering::SeqCst);
+            d.fetch_add(1, Ordering::SeqCst);
+            "ok"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let cfg = tempfile::tempdir().unwrap();
+    write_config(
+        cfg.path(),
+        &format!("store_lease: 3s\ndelivery:\n  destinations:\n    \"{addr}\": {{ concurrency: 2 }}\n"),
+        &format!("postbacks:\n  - id: pb\n    trigger: conversion\n    http:\n      url: \"http://{addr}/pb?cid={{clickid}}\"\n"),
+    );
+    let db = shared().database();
+    let daemons: Vec<Daemon> = (0..2).map(|_| start(cfg.path(), &db)).collect();
+    // Both have counted each other (a heartbeat is every sixth of the lease).
+    for d in &daemons {
+        assert!(
+            d.wait_log("divided among the instances", Duration::from_secs(10))
+                .await,
+            "{}",
+            d.logs()
+        );
+    }
+    let c = client();
+    for i in 0..40 {
+        let d = &daemons[i % 2];
+        let r = c
+            .get(d.url(&format!("/postback?clickid=s{i}&status=approved")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let started = Instant::now();
+    while done.load(Ordering::SeqCst) < 40 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "only {} arrived",
+            done.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let most = most.load(Ordering::SeqCst);
+    assert!(
+        most <= 2,
+        "{most} requests were open at once at a destination limited to 2"
+    );
+    assert!(most >= 1);
+}
