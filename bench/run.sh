@@ -151,6 +151,84 @@ stop_daemon
 row "baseline 2 latency at $rate/s, p50 / p99 ms" "$bp50 / $bp99" ""
 row "end to end latency at $rate/s, p50 / p99 ms" "$p50 / $p99" ""
 
+# --- PostgreSQL ---------------------------------------------------------------------------
+# The shared store on a throwaway local cluster (Debian's postgresql; skipped if it is not
+# installed): ingest and end to end with one instance, and with two on one database (two
+# wrk processes, one per instance; the sink counts what both deliver).
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+if [[ -n $pg_bin && -x $pg_bin/initdb ]]; then
+  pgdir=$work/pg; mkdir -p "$pgdir"; as_pg=()
+  # The server runs as postgres, which must reach its directory inside the work directory.
+  if [[ $(id -u) -eq 0 ]]; then chmod a+x "$work"; chown postgres "$pgdir"; as_pg=(runuser -u postgres --); fi
+  PGPORT=$(port 5)
+  "${as_pg[@]}" "$pg_bin/initdb" -D "$pgdir/data" -U postgres --auth=trust --no-instructions >/dev/null
+  "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$pgdir/data" -l "$pgdir/log" -w \
+    -o "-p $PGPORT -k $pgdir -c listen_addresses=127.0.0.1 -c shared_buffers=256MB -c max_wal_size=4GB" start >/dev/null
+  pg_stop() { "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$pgdir/data" -m fast -w stop >/dev/null 2>&1 || true; }
+  trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; pg_stop; [[ -n ${KEEP:-} ]] || rm -rf "$work"' EXIT
+  pg_db() { psql -h 127.0.0.1 -p "$PGPORT" -U postgres -qc "CREATE DATABASE $1" >/dev/null; echo "postgres://postgres@127.0.0.1:$PGPORT/$1"; }
+  wal_lsn() { psql -h 127.0.0.1 -p "$PGPORT" -U postgres -Atc "SELECT pg_current_wal_lsn()"; }
+  wal_kib_per() { psql -h 127.0.0.1 -p "$PGPORT" -U postgres -Atc "SELECT round(pg_wal_lsn_diff('$2', '$1') / 1024.0 / $3, 1)"; }
+  DAEMON2=127.0.0.1:$(port 6)
+  start_second() { # dir data store
+    POSTBACKD_LOG=warn "$bin" run "$1" --listen "$DAEMON2" --allow-network 127.0.0.1 --data-dir "$2" --store "$3" --no-watch 2>>"$work/daemon.log" &
+    daemon2_pid=$!
+    wait_http "http://$DAEMON2/-/ready"
+  }
+  stop_second() { kill -TERM "$daemon2_pid" 2>/dev/null || true; wait "$daemon2_pid" 2>/dev/null || true; }
+  # Two wrk at once, one per instance: the sum of their rates; requests in $work/requests.
+  wrk_pair() { # url1 url2
+    wrk -t1 -c32 -d"${secs}s" -s bench/unique.lua "$1" -- a > "$work/wrk1.out" &
+    local w1=$!
+    wrk -t1 -c32 -d"${secs}s" -s bench/unique.lua "$2" -- bb > "$work/wrk2.out"
+    wait $w1
+    cat "$work/wrk1.out" "$work/wrk2.out" | awk '/requests in/ {n += $1} /Non-2xx/ {n -= $NF} END {print n}' > "$work/requests"
+    cat "$work/wrk1.out" "$work/wrk2.out" | awk '/Requests\/sec/ {r += $2} END {printf "%.0f\n", r}'
+  }
+  # Postbacks received per second at the sink until it has one per request sent.
+  sink_rate() { # total acknowledged; gives up after 10 s without a new arrival
+    local first=0 last=0 count=0 idle=0 s c f l
+    for _ in $(seq 1 1200); do
+      s=$(sink_stats)
+      c=$(echo "$s" | json '["count"]'); f=$(echo "$s" | json '["first_us"]'); l=$(echo "$s" | json '["last_us"]')
+      count=$((count + c)); (( first == 0 && f > 0 )) && first=$f; (( l > last )) && last=$l
+      (( count >= $1 )) && break
+      if (( c == 0 )); then idle=$((idle + 1)); (( idle > 40 )) && { echo "sink: $count of $1 arrived" >&2; break; }; else idle=0; fi
+      sleep 0.25
+    done
+    python3 -c "print(round($count / max(1e-6, ($last - $first) / 1e6)))"
+  }
+  db=$(pg_db ingest1)
+  start_daemon "$work/one" "$work/d-pg1" --store "$db"
+  l0=$(wal_lsn); r=$(wrk_rate "http://$DAEMON/postback"); l1=$(wal_lsn); stop_daemon
+  row "PostgreSQL: ingest, 1 postback queued, 1 instance, req/s" "$r" "$(ratio "$r" "$b1")"
+  row "  WAL written per webhook and postback, KiB" "$(wal_kib_per "$l0" "$l1" "$(cat "$work/requests")")" ""
+  db=$(pg_db ingest2)
+  start_daemon "$work/one" "$work/d-pg2" --store "$db"; start_second "$work/one" "$work/d-pg2b" "$db"
+  r=$(wrk_pair "http://$DAEMON/postback" "http://$DAEMON2/postback"); stop_daemon; stop_second
+  row "PostgreSQL: ingest, 1 postback queued, 2 instances, req/s" "$r" "$(ratio "$r" "$b1")"
+  sink_stats >/dev/null
+  db=$(pg_db e2e1)
+  start_daemon "$work/one" "$work/d-pg3" --store "$db"
+  r=$(e2e_rate "http://$DAEMON/postback")
+  row "PostgreSQL: end to end, 1 instance, postbacks/s" "$r" "$(ratio "$r" "$b2")"
+  for lr in 1000 "$rate"; do
+    read -r p50 p99 < <(rate=$lr latency "http://$DAEMON/postback")
+    row "  latency at $lr/s, p50 / p99 ms" "$p50 / $p99" ""
+  done
+  stop_daemon
+  db=$(pg_db e2e2)
+  start_daemon "$work/one" "$work/d-pg4" --store "$db"; start_second "$work/one" "$work/d-pg4b" "$db"
+  sink_stats >/dev/null
+  wrk_pair "http://$DAEMON/postback" "http://$DAEMON2/postback" >/dev/null
+  r=$(sink_rate "$(cat "$work/requests")")
+  stop_daemon; stop_second
+  row "PostgreSQL: end to end, 2 instances, postbacks/s" "$r" "$(ratio "$r" "$b2")"
+  pg_stop
+else
+  row "PostgreSQL: not installed (apt-get install postgresql), skipped" "" ""
+fi
+
 # --- Rule count ---------------------------------------------------------------------------
 first=""
 # Each test event's offer has 10 postbacks whose conditions are checked and fail: the cost

@@ -22,6 +22,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// A shared PostgreSQL store instead of the embedded one in `data_dir`.
     pub postgres: Option<crate::store::PgUrl>,
+    /// How long a claimed delivery stays an instance's without renewal (PostgreSQL).
+    pub store_lease: Duration,
     pub delivery: DeliverySettings,
     pub log_json: bool,
     pub log_level: String,
@@ -57,7 +59,10 @@ impl Settings {
     /// Where the store is: the PostgreSQL database when one is set, else `data_dir`.
     pub fn store(&self) -> crate::store::Location {
         match &self.postgres {
-            Some(pg) => crate::store::Location::Postgres(pg.clone()),
+            Some(pg) => crate::store::Location::Postgres(crate::store::PgUrl {
+                lease: self.store_lease,
+                ..pg.clone()
+            }),
             None => crate::store::Location::Sqlite(self.data_dir.clone()),
         }
     }

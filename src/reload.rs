@@ -33,12 +33,7 @@ pub fn load(opts: &Options) -> Result<Plan, ConfigErrors> {
         // Checked by the command line before it gets here.
         plan.settings.postgres = match s.trim() {
             "" | "sqlite" => None,
-            url => crate::store::PgUrl::parse(url, None).ok().map(|mut pg| {
-                if let Some(old) = &plan.settings.postgres {
-                    pg.lease = old.lease;
-                }
-                pg
-            }),
+            url => crate::store::PgUrl::parse(url, None).ok(),
         };
     }
     for a in &opts.allow_networks {
@@ -90,17 +85,20 @@ pub struct Reloaded {
     pub needs_restart: Vec<String>,
 }
 
+/// `listen`, `data_dir`, `server.tls`, and `store` with its lease: what a reload cannot change.
+type Pinned = (
+    std::net::SocketAddr,
+    PathBuf,
+    Option<(PathBuf, PathBuf)>,
+    (Option<crate::store::PgUrl>, Duration),
+);
+
 /// Replaces the running plan when asked to, if the new config is valid.
 pub struct Reloader {
     opts: Options,
     pub plan: Arc<ArcSwap<Plan>>,
     /// `listen`, `data_dir`, `server.tls` and `store` as the process started with them.
-    pinned: (
-        std::net::SocketAddr,
-        PathBuf,
-        Option<(PathBuf, PathBuf)>,
-        Option<crate::store::PgUrl>,
-    ),
+    pinned: Pinned,
     running: tokio::sync::Mutex<()>,
     status: Mutex<ReloadStatus>,
     /// `git blame` of the running config's files, read on first use: (config hash, changes).
@@ -167,7 +165,7 @@ impl Reloader {
             p.settings.listen,
             p.settings.data_dir.clone(),
             p.settings.server.tls.clone(),
-            p.settings.postgres.clone(),
+            (p.settings.postgres.clone(), p.settings.store_lease),
         );
         drop(p);
         Reloader {
@@ -299,9 +297,12 @@ impl Reloader {
             needs_restart.push("server.tls".to_string());
             plan.settings.server.tls = self.pinned.2.clone();
         }
-        if plan.settings.postgres != self.pinned.3 {
+        if (&plan.settings.postgres, plan.settings.store_lease)
+            != (&self.pinned.3 .0, self.pinned.3 .1)
+        {
             needs_restart.push("store".to_string());
-            plan.settings.postgres = self.pinned.3.clone();
+            plan.settings.postgres = self.pinned.3 .0.clone();
+            plan.settings.store_lease = self.pinned.3 .1;
         }
         metrics::counter!(crate::telemetry::RELOADS, "result" => "success").increment(1);
         status.ok = true;

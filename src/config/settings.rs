@@ -56,13 +56,13 @@ impl Compiler {
             }
             None => None,
         };
-        let mut postgres = postgres;
+        let mut store_lease = crate::store::postgres::LEASE;
         if let Some(l) = &raw.store_lease {
             if let Some(d) = self.duration(&cx, l) {
                 if d < Duration::from_secs(1) {
                     self.err(&cx, l, "store_lease must be at least 1s", None);
-                } else if let Some(pg) = postgres.as_mut() {
-                    pg.lease = d;
+                } else {
+                    store_lease = d;
                 }
             }
         }
@@ -254,6 +254,7 @@ impl Compiler {
             listen,
             data_dir,
             postgres,
+            store_lease,
             delivery,
             log_json,
             log_level,

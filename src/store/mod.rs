@@ -72,7 +72,8 @@ pub struct PgUrl {
     /// The same with its password masked, for logs and pages.
     pub shown: String,
     /// How long a claimed delivery stays an instance's without renewal: an instance that
-    /// died gives its deliveries back after this (`store_lease`, 30 s by default).
+    /// died gives its deliveries back after this (`store_lease`, 30 s by default; set from
+    /// the settings by `Settings::store`).
     pub lease: std::time::Duration,
 }
 

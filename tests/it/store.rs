@@ -339,6 +339,14 @@ async fn the_log_retries_by_hand_and_pruning(b: Backend) {
         .await
         .unwrap();
     // Pruning everything finished: the delivered one goes; the held one and its conversion stay.
+    eprintln!(
+        "DEBUG later {:?}",
+        store
+            .delivery(later_id, None)
+            .await
+            .unwrap()
+            .map(|r| (r.state, r.due_at))
+    );
     let mut pruned = 0;
     loop {
         let n = store

@@ -52,9 +52,13 @@ pub(super) async fn claim(
             Lane::Any => CLAIM_ANY,
         };
         let lease_until = crate::now_ms() + shared.lease_ms;
+        let st = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| store_err(shared, e))?;
         let mut rows = client
             .query(
-                sql,
+                &st,
                 &[
                     &spec.now,
                     &spec.blocked(),
@@ -143,13 +147,16 @@ pub(super) async fn heartbeat(shared: &Shared, first: bool) -> Result<usize, Sto
 
 pub(super) async fn next_due(shared: &Shared, after: i64) -> Result<Option<i64>, StoreError> {
     let client = shared.client().await?;
-    let row = client
-        .query_one(
+    let st = client
+        .prepare_cached(
             "SELECT LEAST(
                (SELECT MIN(due_at) FROM deliveries WHERE state = 0 AND (attempts > 0) = false AND due_at > $1),
                (SELECT MIN(due_at) FROM deliveries WHERE state = 0 AND (attempts > 0) = true AND due_at > $1))",
-            &[&after],
         )
+        .await
+        .map_err(|e| store_err(shared, e))?;
+    let row = client
+        .query_one(&st, &[&after])
         .await
         .map_err(|e| store_err(shared, e))?;
     Ok(row.get(0))

@@ -15,12 +15,14 @@ use crate::ingest::event::Event;
 use crate::plan::Plan;
 use crate::store::model::destination_of;
 use crate::store::{decide, Accepted, Attempt, Claimed, FinishRow, Next, State, StoreError};
+use deadpool_postgres::Transaction;
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::Transaction;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, Statement};
 
 /// At most this many jobs share one commit.
 const MAX_BATCH: usize = 512;
@@ -235,8 +237,9 @@ async fn apply(
             _ => None,
         })
         .collect();
-    let mut accepted = ingest(shared, tx, &ingests).await?.into_iter();
-    let mut unblocked = finish(tx, &finishes).await?.into_iter();
+    let p = Prepared::new(tx).await?;
+    let mut accepted = ingest(shared, tx, &p, &ingests).await?.into_iter();
+    let mut unblocked = finish(tx, &p, &finishes).await?.into_iter();
     Ok(batch
         .iter()
         .map(|op| match op {
@@ -244,6 +247,134 @@ async fn apply(
             Op::Finish { .. } => Out::Finish(unblocked.next().unwrap_or(false)),
         })
         .collect())
+}
+
+/// Every statement the writer runs, prepared once per connection (deadpool caches them):
+/// a plain query string would be parsed and described on every call, a second round trip.
+/// They are prepared before a batch's statements are sent together (pipelined), so that
+/// what is sent together reaches the server in the order written.
+struct Prepared {
+    lock_new: Statement,
+    lock: Statement,
+    insert_events: Statement,
+    next_ids: Statement,
+    busy: Statement,
+    insert_deliveries: Statement,
+    update_conversions: Statement,
+    finish: Statement,
+    insert_attempts: Statement,
+    notify_waiting: Statement,
+    waiting: Statement,
+}
+
+impl Prepared {
+    async fn new(tx: &Transaction<'_>) -> Result<Prepared, tokio_postgres::Error> {
+        Ok(Prepared {
+            lock_new: tx.prepare_cached(LOCK_NEW).await?,
+            lock: tx.prepare_cached(LOCK).await?,
+            insert_events: tx.prepare_cached(INSERT_EVENTS).await?,
+            next_ids: tx.prepare_cached(NEXT_IDS).await?,
+            busy: tx.prepare_cached(BUSY).await?,
+            insert_deliveries: tx.prepare_cached(INSERT_DELIVERIES).await?,
+            update_conversions: tx.prepare_cached(UPDATE_CONVERSIONS).await?,
+            finish: tx.prepare_cached(FINISH).await?,
+            insert_attempts: tx.prepare_cached(INSERT_ATTEMPTS).await?,
+            notify_waiting: tx.prepare_cached(NOTIFY_WAITING).await?,
+            waiting: tx.prepare_cached(WAITING).await?,
+        })
+    }
+}
+
+const LOCK_NEW: &str = "INSERT INTO conversions (key, updated_at)
+                 SELECT k, 0 FROM unnest($1::text[]) AS k ORDER BY k
+                 ON CONFLICT (key) DO NOTHING";
+
+const LOCK: &str = "SELECT key, event, sent FROM conversions WHERE key = ANY($1)
+                 ORDER BY key FOR UPDATE";
+
+const INSERT_EVENTS: &str = "INSERT INTO events (id, received_at, source, kind, conv_key, clickid, transaction_id,
+                             offer_id, affiliate_id, event, matched)
+         SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                              $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])";
+
+const NEXT_IDS: &str = "SELECT nextval('deliveries_id_seq') FROM generate_series(1, $1::bigint)";
+
+const BUSY: &str =
+    "SELECT DISTINCT order_key FROM deliveries WHERE state = 0 AND order_key = ANY($1)";
+
+const INSERT_DELIVERIES: &str =
+    "INSERT INTO deliveries (id, event_id, postback_id, offer, conv_key, order_key,
+                     dedupe_key, status, event, state, attempts, created_at, due_at, updated_at,
+                     delayed, clickid, transaction_id, offer_id, affiliate_id, goal,
+                     lease_owner, lease_until)
+                 SELECT u.id, u.event_id, u.postback_id, u.offer, u.conv_key, u.order_key,
+                        u.dedupe_key, u.status, u.event, 0, 0, u.created_at, u.due_at,
+                        u.created_at, u.delayed, u.clickid, u.transaction_id, u.offer_id,
+                        u.affiliate_id, u.goal, u.lease_owner, u.lease_until
+                 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
+                             $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[],
+                             $11::bigint[], $12::boolean[], $13::text[], $14::text[],
+                             $15::text[], $16::text[], $17::text[], $18::text[], $19::bigint[])
+                   AS u(id, event_id, postback_id, offer, conv_key, order_key, dedupe_key,
+                        status, event, created_at, due_at, delayed, clickid, transaction_id,
+                        offer_id, affiliate_id, goal, lease_owner, lease_until)
+                 ON CONFLICT (dedupe_key) DO NOTHING
+                 RETURNING id";
+
+const UPDATE_CONVERSIONS: &str = "UPDATE conversions c SET status = u.status, event = u.event,
+                                  updated_at = u.updated_at, sent = u.sent
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[])
+           AS u(key, status, event, updated_at, sent)
+         WHERE c.key = u.key";
+
+const FINISH: &str = "UPDATE deliveries d SET state = u.state, attempts = d.attempts + u.bump,
+                        due_at = COALESCE(u.due, d.due_at), updated_at = u.now,
+                        last_error = COALESCE(u.err, d.last_error),
+                        last_status = COALESCE(u.status, d.last_status),
+                        last_outcome = COALESCE(u.outcome, d.last_outcome),
+                        orphaned_at = u.orphaned, lease_owner = NULL, lease_until = NULL
+                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+                             $6::text[], $7::bigint[], $8::text[], $9::bigint[])
+                   AS u(id, state, bump, due, now, err, status, outcome, orphaned)
+                 WHERE d.id = u.id";
+
+const INSERT_ATTEMPTS: &str =
+    "INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, method, url,
+                                       request_body, response_status, response_body, error,
+                                       outcome, config_version, config_commit)
+                 SELECT u.id, d.attempts, u.started_at, u.duration_ms, u.method, u.url,
+                        u.request_body, u.response_status, u.response_body, u.error, u.outcome,
+                        u.config_version, u.config_commit
+                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
+                             $6::text[], $7::bigint[], $8::text[], $9::text[], $10::text[],
+                             $11::text[], $12::text[])
+                   AS u(id, started_at, duration_ms, method, url, request_body, response_status,
+                        response_body, error, outcome, config_version, config_commit)
+                 JOIN deliveries d ON d.id = u.id";
+
+const NOTIFY_WAITING: &str = "SELECT pg_notify($1, '') FROM (
+                   SELECT 1 FROM deliveries e
+                   JOIN deliveries w ON w.order_key = e.order_key AND w.state = 0
+                   WHERE e.id = ANY($2) LIMIT 1) x";
+
+const WAITING: &str = "SELECT DISTINCT e.id FROM deliveries e
+                 JOIN deliveries w ON w.order_key = e.order_key AND w.state = 0
+                 WHERE e.id = ANY($1)";
+
+async fn query(
+    tx: &Transaction<'_>,
+    st: &Statement,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    tx.query(st, params).await
+}
+
+async fn execute(
+    tx: &Transaction<'_>,
+    st: &Statement,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    tx.execute(st, params).await
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {
@@ -305,6 +436,7 @@ fn field(e: &Event, name: &str) -> Option<String> {
 async fn ingest(
     shared: &Shared,
     tx: &Transaction<'_>,
+    p: &Prepared,
     jobs: &[(&[Event], &[String], &Arc<Plan>)],
 ) -> Result<Vec<Vec<Accepted>>, tokio_postgres::Error> {
     if jobs.is_empty() {
@@ -320,21 +452,12 @@ async fn ingest(
     // decides its deliveries, and the other waits for that commit.
     let mut conversions: HashMap<String, Conversion> = HashMap::new();
     if !keys.is_empty() {
-        tx.execute(
-            "INSERT INTO conversions (key, updated_at)
-             SELECT k, 0 FROM unnest($1::text[]) AS k ORDER BY k
-             ON CONFLICT (key) DO NOTHING",
-            &[&keys],
-        )
-        .await?;
-        for r in tx
-            .query(
-                "SELECT key, event, sent FROM conversions WHERE key = ANY($1)
-                 ORDER BY key FOR UPDATE",
-                &[&keys],
-            )
-            .await?
-        {
+        // Sent together (pipelined): the server runs them in order, one round trip.
+        let (_, locked) =
+            tokio::try_join!(async { execute(tx, &p.lock_new, &[&keys],).await }, async {
+                query(tx, &p.lock, &[&keys]).await
+            },)?;
+        for r in locked {
             let json: Option<String> = r.get(1);
             let sent: Option<String> = r.get(2);
             conversions.insert(
@@ -440,49 +563,49 @@ async fn ingest(
         }
         answers.push(job_answers);
     }
-    tx.execute(
-        "INSERT INTO events (id, received_at, source, kind, conv_key, clickid, transaction_id,
-                             offer_id, affiliate_id, event, matched)
-         SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                              $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])",
-        &[
-            &events_out.id,
-            &events_out.received_at,
-            &events_out.source,
-            &events_out.kind,
-            &events_out.conv_key,
-            &events_out.clickid,
-            &events_out.transaction_id,
-            &events_out.offer_id,
-            &events_out.affiliate_id,
-            &events_out.event,
-            &events_out.matched,
-        ],
-    )
-    .await?;
-    if !made.is_empty() {
-        // Ids in creation order, so that an order key's deliveries go out as created.
-        let mut ids: Vec<i64> = tx
-            .query(
-                "SELECT nextval('deliveries_id_seq') FROM generate_series(1, $1::bigint)",
-                &[&(made.len() as i64)],
+    let n = made.len() as i64;
+    let (_, id_rows, busy_rows) = tokio::try_join!(
+        async {
+            execute(
+                tx,
+                &p.insert_events,
+                &[
+                    &events_out.id,
+                    &events_out.received_at,
+                    &events_out.source,
+                    &events_out.kind,
+                    &events_out.conv_key,
+                    &events_out.clickid,
+                    &events_out.transaction_id,
+                    &events_out.offer_id,
+                    &events_out.affiliate_id,
+                    &events_out.event,
+                    &events_out.matched,
+                ],
             )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+            .await
+        },
+        // Ids in creation order, so that an order key's deliveries go out as created.
+        async {
+            if n == 0 {
+                return Ok(Vec::new());
+            }
+            query(tx, &p.next_ids, &[&n]).await
+        },
+        // Order keys with an unfinished delivery already: new ones wait behind it.
+        async {
+            if n == 0 {
+                return Ok(Vec::new());
+            }
+            query(tx, &p.busy, &[&rows.order_key]).await
+        },
+    )?;
+    let conversions_update = conversion_rows(&conversions);
+    if !made.is_empty() {
+        let mut ids: Vec<i64> = id_rows.iter().map(|r| r.get(0)).collect();
         ids.sort_unstable();
         rows.id = ids;
-        // Order keys with an unfinished delivery already: new ones wait behind it.
-        let busy: HashSet<String> = tx
-            .query(
-                "SELECT DISTINCT order_key FROM deliveries WHERE state = 0 AND order_key = ANY($1)",
-                &[&rows.order_key],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let busy: HashSet<String> = busy_rows.iter().map(|r| r.get(0)).collect();
         let mut first_of_key: HashSet<&str> = HashSet::new();
         let lease_until = now + shared.lease_ms;
         let mut fresh = Vec::with_capacity(made.len());
@@ -494,51 +617,38 @@ async fn ingest(
             rows.lease_owner.push(go.then(|| shared.me.to_string()));
             rows.lease_until.push(go.then_some(lease_until));
         }
-        let inserted: HashSet<i64> = tx
-            .query(
-                "INSERT INTO deliveries (id, event_id, postback_id, offer, conv_key, order_key,
-                     dedupe_key, status, event, state, attempts, created_at, due_at, updated_at,
-                     delayed, clickid, transaction_id, offer_id, affiliate_id, goal,
-                     lease_owner, lease_until)
-                 SELECT u.id, u.event_id, u.postback_id, u.offer, u.conv_key, u.order_key,
-                        u.dedupe_key, u.status, u.event, 0, 0, u.created_at, u.due_at,
-                        u.created_at, u.delayed, u.clickid, u.transaction_id, u.offer_id,
-                        u.affiliate_id, u.goal, u.lease_owner, u.lease_until
-                 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
-                             $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[],
-                             $11::bigint[], $12::boolean[], $13::text[], $14::text[],
-                             $15::text[], $16::text[], $17::text[], $18::text[], $19::bigint[])
-                   AS u(id, event_id, postback_id, offer, conv_key, order_key, dedupe_key,
-                        status, event, created_at, due_at, delayed, clickid, transaction_id,
-                        offer_id, affiliate_id, goal, lease_owner, lease_until)
-                 ON CONFLICT (dedupe_key) DO NOTHING
-                 RETURNING id",
-                &[
-                    &rows.id,
-                    &rows.event_id,
-                    &rows.postback_id,
-                    &rows.offer,
-                    &rows.conv_key,
-                    &rows.order_key,
-                    &rows.dedupe_key,
-                    &rows.status,
-                    &rows.event,
-                    &rows.created_at,
-                    &rows.due_at,
-                    &rows.delayed,
-                    &rows.clickid,
-                    &rows.transaction_id,
-                    &rows.offer_id,
-                    &rows.affiliate_id,
-                    &rows.goal,
-                    &rows.lease_owner,
-                    &rows.lease_until,
-                ],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let (inserted, _) = tokio::try_join!(
+            async {
+                query(
+                    tx,
+                    &p.insert_deliveries,
+                    &[
+                        &rows.id,
+                        &rows.event_id,
+                        &rows.postback_id,
+                        &rows.offer,
+                        &rows.conv_key,
+                        &rows.order_key,
+                        &rows.dedupe_key,
+                        &rows.status,
+                        &rows.event,
+                        &rows.created_at,
+                        &rows.due_at,
+                        &rows.delayed,
+                        &rows.clickid,
+                        &rows.transaction_id,
+                        &rows.offer_id,
+                        &rows.affiliate_id,
+                        &rows.goal,
+                        &rows.lease_owner,
+                        &rows.lease_until,
+                    ],
+                )
+                .await
+            },
+            update_conversions(tx, p, &conversions_update),
+        )?;
+        let inserted: HashSet<i64> = inserted.iter().map(|r| r.get(0)).collect();
         for (i, (j, e, m, _)) in made.iter().enumerate() {
             let id = rows.id[i];
             if !inserted.contains(&id) {
@@ -563,55 +673,70 @@ async fn ingest(
                 });
             }
         }
-    }
-    let touched: Vec<(&String, &Conversion)> = conversions
-        .iter()
-        .filter(|(_, c)| c.touched.is_some())
-        .collect();
-    if !touched.is_empty() {
-        let mut k = Vec::with_capacity(touched.len());
-        let mut status = Vec::with_capacity(touched.len());
-        let mut event = Vec::with_capacity(touched.len());
-        let mut at = Vec::with_capacity(touched.len());
-        let mut sent = Vec::with_capacity(touched.len());
-        for (key, c) in touched {
-            let (st, when) = c.touched.clone().unwrap_or_default();
-            k.push(key.clone());
-            status.push(st);
-            event.push(c.json.clone().unwrap_or_default());
-            at.push(when);
-            sent.push(to_json(&c.sent));
-        }
-        tx.execute(
-            "UPDATE conversions c SET status = u.status, event = u.event,
-                                      updated_at = u.updated_at, sent = u.sent
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[])
-               AS u(key, status, event, updated_at, sent)
-             WHERE c.key = u.key",
-            &[&k, &status, &event, &at, &sent],
-        )
-        .await?;
+    } else {
+        update_conversions(tx, p, &conversions_update).await?;
     }
     Ok(answers)
 }
 
+/// The conversions the batch changed, column by column: key, status, event, updated_at, sent.
+type ConversionRows = (
+    Vec<String>,
+    Vec<Option<String>>,
+    Vec<String>,
+    Vec<i64>,
+    Vec<String>,
+);
+
+fn conversion_rows(conversions: &HashMap<String, Conversion>) -> ConversionRows {
+    let mut out: ConversionRows = Default::default();
+    for (key, c) in conversions {
+        let Some((status, when)) = &c.touched else {
+            continue;
+        };
+        out.0.push(key.clone());
+        out.1.push(status.clone());
+        out.2.push(c.json.clone().unwrap_or_default());
+        out.3.push(*when);
+        out.4.push(to_json(&c.sent));
+    }
+    out
+}
+
+async fn update_conversions(
+    tx: &Transaction<'_>,
+    p: &Prepared,
+    c: &ConversionRows,
+) -> Result<u64, tokio_postgres::Error> {
+    if c.0.is_empty() {
+        return Ok(0);
+    }
+    execute(tx, &p.update_conversions, &[&c.0, &c.1, &c.2, &c.3, &c.4]).await
+}
+
 /// Every finish of the batch; per finish, whether a later delivery of its order key waited.
+/// The update, the attempts, the notification and the question of who waited are sent
+/// together (one round trip): each statement sees the ones before it.
 async fn finish(
     tx: &Transaction<'_>,
+    p: &Prepared,
     jobs: &[(i64, Option<&Attempt>, &Next, Option<&str>)],
 ) -> Result<Vec<bool>, tokio_postgres::Error> {
     if jobs.is_empty() {
         return Ok(Vec::new());
     }
-    let mut ids = Vec::with_capacity(jobs.len());
-    let mut state = Vec::with_capacity(jobs.len());
-    let mut bump = Vec::with_capacity(jobs.len());
-    let mut due: Vec<Option<i64>> = Vec::with_capacity(jobs.len());
-    let mut now = Vec::with_capacity(jobs.len());
-    let mut err: Vec<Option<&str>> = Vec::with_capacity(jobs.len());
-    let mut status: Vec<Option<i64>> = Vec::with_capacity(jobs.len());
-    let mut outcome: Vec<Option<&str>> = Vec::with_capacity(jobs.len());
-    let mut orphaned: Vec<Option<i64>> = Vec::with_capacity(jobs.len());
+    let n = jobs.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut state = Vec::with_capacity(n);
+    let mut bump = Vec::with_capacity(n);
+    let mut due: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut now = Vec::with_capacity(n);
+    let mut err: Vec<Option<&str>> = Vec::with_capacity(n);
+    let mut status: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut outcome: Vec<Option<&str>> = Vec::with_capacity(n);
+    let mut orphaned: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut a = AttemptRows::default();
+    let mut ended: Vec<i64> = Vec::new();
     for (id, attempt, next, reason) in jobs {
         let f = FinishRow::of(*attempt, next, *reason);
         ids.push(*id);
@@ -623,95 +748,72 @@ async fn finish(
         status.push(attempt.and_then(|a| a.response_status).map(i64::from));
         outcome.push(f.outcome);
         orphaned.push(f.orphaned);
-    }
-    let rows = tx
-        .query(
-            "UPDATE deliveries d SET state = u.state, attempts = d.attempts + u.bump,
-                    due_at = COALESCE(u.due, d.due_at), updated_at = u.now,
-                    last_error = COALESCE(u.err, d.last_error),
-                    last_status = COALESCE(u.status, d.last_status),
-                    last_outcome = COALESCE(u.outcome, d.last_outcome),
-                    orphaned_at = u.orphaned, lease_owner = NULL, lease_until = NULL
-             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
-                         $6::text[], $7::bigint[], $8::text[], $9::bigint[])
-               AS u(id, state, bump, due, now, err, status, outcome, orphaned)
-             WHERE d.id = u.id
-             RETURNING d.id, d.attempts, d.order_key",
-            &[
-                &ids, &state, &bump, &due, &now, &err, &status, &outcome, &orphaned,
-            ],
-        )
-        .await?;
-    let mut found: HashMap<i64, (i64, String)> = HashMap::new();
-    for r in rows {
-        found.insert(r.get(0), (r.get(1), r.get(2)));
-    }
-    let mut a = AttemptRows::default();
-    let mut ended_keys = Vec::new();
-    for (id, attempt, next, _) in jobs {
-        let Some((n, order_key)) = found.get(id) else {
-            continue;
-        };
         if let Some(at) = attempt {
-            a.push(*id, *n, at);
+            a.push(*id, at);
         }
-        if FinishRow::of(None, next, None).state != State::Pending {
-            ended_keys.push(order_key.clone());
+        if f.state != State::Pending {
+            ended.push(*id);
         }
     }
-    if !a.delivery_id.is_empty() {
-        tx.execute(
-            "INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, method, url,
-                                   request_body, response_status, response_body, error, outcome,
-                                   config_version, config_commit)
-             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],
-                                  $5::text[], $6::text[], $7::text[], $8::bigint[], $9::text[],
-                                  $10::text[], $11::text[], $12::text[], $13::text[])",
-            &[
-                &a.delivery_id,
-                &a.attempt,
-                &a.started_at,
-                &a.duration_ms,
-                &a.method,
-                &a.url,
-                &a.request_body,
-                &a.response_status,
-                &a.response_body,
-                &a.error,
-                &a.outcome,
-                &a.config_version,
-                &a.config_commit,
-            ],
-        )
-        .await?;
-    }
-    let waiting: HashSet<String> = if ended_keys.is_empty() {
-        HashSet::new()
-    } else {
-        tx.query(
-            "SELECT DISTINCT order_key FROM deliveries WHERE state = 0 AND order_key = ANY($1)",
-            &[&ended_keys],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-    };
-    if !waiting.is_empty() {
-        // The next delivery of those order keys may now go, from any instance.
-        tx.execute("SELECT pg_notify($1, '')", &[&super::CHANNEL])
-            .await?;
-    }
-    Ok(jobs
-        .iter()
-        .map(|(id, ..)| found.get(id).is_some_and(|(_, k)| waiting.contains(k)))
-        .collect())
+    let (_, _, _, waiting) = tokio::try_join!(
+        async {
+            execute(
+                tx,
+                &p.finish,
+                &[
+                    &ids, &state, &bump, &due, &now, &err, &status, &outcome, &orphaned,
+                ],
+            )
+            .await
+        },
+        async {
+            if a.delivery_id.is_empty() {
+                return Ok(0);
+            }
+            // Numbered by the delivery's attempt count, just updated; a delivery that is
+            // gone (pruned) takes no attempt.
+            execute(
+                tx,
+                &p.insert_attempts,
+                &[
+                    &a.delivery_id,
+                    &a.started_at,
+                    &a.duration_ms,
+                    &a.method,
+                    &a.url,
+                    &a.request_body,
+                    &a.response_status,
+                    &a.response_body,
+                    &a.error,
+                    &a.outcome,
+                    &a.config_version,
+                    &a.config_commit,
+                ],
+            )
+            .await
+        },
+        async {
+            if ended.is_empty() {
+                return Ok(0);
+            }
+            // The next delivery of an order key that just ended may now go, from any
+            // instance.
+            execute(tx, &p.notify_waiting, &[&super::CHANNEL, &ended]).await
+        },
+        async {
+            if ended.is_empty() {
+                return Ok(Vec::new());
+            }
+            query(tx, &p.waiting, &[&ended]).await
+        },
+    )?;
+    let waiting: HashSet<i64> = waiting.iter().map(|r| r.get(0)).collect();
+    Ok(jobs.iter().map(|(id, ..)| waiting.contains(id)).collect())
 }
 
 #[derive(Default)]
 struct AttemptRows<'a> {
     delivery_id: Vec<i64>,
-    attempt: Vec<i64>,
     started_at: Vec<i64>,
     duration_ms: Vec<i64>,
     method: Vec<&'a str>,
@@ -726,9 +828,8 @@ struct AttemptRows<'a> {
 }
 
 impl<'a> AttemptRows<'a> {
-    fn push(&mut self, id: i64, n: i64, a: &'a Attempt) {
+    fn push(&mut self, id: i64, a: &'a Attempt) {
         self.delivery_id.push(id);
-        self.attempt.push(n);
         self.started_at.push(a.started_at);
         self.duration_ms.push(a.duration_ms);
         self.method.push(&a.method);
