@@ -9,8 +9,10 @@
 //! - [`store`]: the durable queue and delivery log (embedded SQLite or shared PostgreSQL), group-committed;
 //! - [`deliver`]: claims due deliveries, sends them, judges answers, schedules retries.
 //!
-//! [`reload`] loads the config at start-up and on every reload; [`server`] wires the HTTP routes, [`api`] the admin API and [`cli`] the commands; [`run`]
-//! starts the daemon.
+//! [`reload`] loads the config at start-up and on every reload; [`server`] wires the HTTP
+//! routes, [`api`] the admin API and [`cli`] the commands; [`run`] (or [`start`], with a
+//! loaded plan) starts a daemon on a listener and returns its [`Handle`]: the command line
+//! and in-process tests start daemons the same way.
 
 pub mod actions;
 pub mod api;
@@ -97,28 +99,71 @@ pub struct Options {
     pub admin_token: Option<String>,
 }
 
-/// Loads the config, opens the store, serves HTTP and delivers, until `shutdown` resolves.
-/// Then it stops accepting, lets in-flight attempts finish (up to 10 s) and returns.
-pub async fn run(
-    opts: Options,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let plan = reload::load(&opts).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
-    run_plan(plan, opts, shutdown).await
+/// A running daemon, from [`run`] or [`start`].
+pub struct Handle {
+    addr: SocketAddr,
+    store: store::Store,
+    telemetry: telemetry::Telemetry,
+    done: tokio::task::JoinHandle<()>,
 }
 
-/// [`run`] with a plan the caller already loaded with [`reload::load`] (the CLI loads it
-/// first: logging follows it).
-pub async fn run_plan(
+impl Handle {
+    /// The address it serves on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its store.
+    pub fn store(&self) -> &store::Store {
+        &self.store
+    }
+
+    /// Its metrics.
+    pub fn telemetry(&self) -> &telemetry::Telemetry {
+        &self.telemetry
+    }
+
+    /// Resolves once the daemon has stopped (after its `shutdown` resolved).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.done
+            .await
+            .map_err(|e| anyhow::anyhow!("the daemon's task failed: {e}"))
+    }
+}
+
+/// Binds the listener a plan asks for (`listen`, or the `--listen` override).
+pub async fn bind(plan: &plan::Plan) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(plan.settings.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", plan.settings.listen))
+}
+
+/// Starts a daemon on `listener`: loads the config, opens the store, serves HTTP and
+/// delivers, until `shutdown` resolves; then it stops accepting, lets in-flight attempts
+/// finish (up to 10 s) and its [`Handle`] resolves. Each daemon has its own metrics, so
+/// several can run in one process.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    opts: Options,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Handle> {
+    let plan = reload::load(&opts).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+    start(listener, plan, opts, shutdown).await
+}
+
+/// [`run`] with a plan the caller already loaded with [`reload::load`] (the command line
+/// loads it first: logging follows it).
+pub async fn start(
+    listener: tokio::net::TcpListener,
     plan: plan::Plan,
     opts: Options,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Handle> {
     ignore_file_size_signal();
     server::conns::raise_open_file_limit();
     let started_ms = now_ms();
-    let metrics_handle = telemetry::install();
-    telemetry::register_plan(&plan);
+    let telemetry = telemetry::Telemetry::new();
+    telemetry.register_plan(&plan);
     let store = store::Store::open(&plan.settings.store()).await?;
     // TLS is decided at start (like `listen`); a renewed certificate at the same paths is
     // picked up without a restart.
@@ -132,9 +177,6 @@ pub async fn run_plan(
         }
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(plan.settings.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", plan.settings.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(
         %addr,
@@ -150,7 +192,11 @@ pub async fn run_plan(
     );
     let plan = Arc::new(ArcSwap::from_pointee(plan));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let reloader = Arc::new(reload::Reloader::new(opts.clone(), plan.clone()));
+    let reloader = Arc::new(reload::Reloader::new(
+        opts.clone(),
+        plan.clone(),
+        telemetry.clone(),
+    ));
     let watching = tokio::spawn({
         let (r, stop) = (reloader.clone(), stop_rx.clone());
         async move {
@@ -160,15 +206,15 @@ pub async fn run_plan(
         }
     });
     let hup = tokio::spawn(reload::on_sighup(reloader.clone(), stop_rx.clone()));
-    let deliverer = deliver::Deliverer::new(store.clone(), plan.clone());
+    let deliverer = deliver::Deliverer::new(store.clone(), plan.clone(), telemetry.clone());
     let paused = deliverer.paused.clone();
     let delivering = tokio::spawn(deliverer.run(stop_rx.clone(), Duration::from_secs(10)));
     let pruning = tokio::spawn(deliver::prune_loop(store.clone(), plan.clone(), stop_rx));
     let app = server::router(server::AppState {
         plan: plan.clone(),
-        store,
+        store: store.clone(),
         reloader,
-        metrics: metrics_handle,
+        telemetry: telemetry.clone(),
         started: started_ms as f64 / 1000.0,
         limiters: Arc::default(),
         paused,
@@ -179,16 +225,24 @@ pub async fn run_plan(
         (p.settings.server.clone(), p.settings.delivery.concurrency)
     };
     notify::ready(&format!("serving on {addr}, config {}", plan.load().hash));
-    server::conns::serve(listener, app, tls, limits, shutdown).await;
-    notify::stopping();
-    tracing::info!("shutting down: finishing in-flight deliveries");
-    let _ = stop_tx.send(true);
-    let _ = delivering.await;
-    let _ = pruning.await;
-    let _ = watching.await;
-    let _ = hup.await;
-    tracing::info!("stopped");
-    Ok(())
+    let conns_telemetry = telemetry.clone();
+    let done = tokio::spawn(async move {
+        server::conns::serve(listener, app, tls, limits, conns_telemetry, shutdown).await;
+        notify::stopping();
+        tracing::info!("shutting down: finishing in-flight deliveries");
+        let _ = stop_tx.send(true);
+        let _ = delivering.await;
+        let _ = pruning.await;
+        let _ = watching.await;
+        let _ = hup.await;
+        tracing::info!("stopped");
+    });
+    Ok(Handle {
+        addr,
+        store,
+        telemetry,
+        done,
+    })
 }
 
 /// A write past the file size limit (`ulimit -f`, a quota) raises SIGXFSZ, which would kill

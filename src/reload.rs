@@ -103,6 +103,8 @@ pub struct Reloader {
     status: Mutex<ReloadStatus>,
     /// `git blame` of the running config's files, read on first use: (config hash, changes).
     blame: tokio::sync::Mutex<Option<(String, Arc<LineChanges>)>>,
+    /// The daemon's metrics: reloads are counted, and a new plan's series made.
+    telemetry: crate::telemetry::Telemetry,
 }
 
 /// Who last changed each line, by (file, line).
@@ -159,7 +161,11 @@ pub fn postback_changes(
 }
 
 impl Reloader {
-    pub fn new(opts: Options, plan: Arc<ArcSwap<Plan>>) -> Reloader {
+    pub fn new(
+        opts: Options,
+        plan: Arc<ArcSwap<Plan>>,
+        telemetry: crate::telemetry::Telemetry,
+    ) -> Reloader {
         let p = plan.load();
         let pinned = (
             p.settings.listen,
@@ -174,6 +180,7 @@ impl Reloader {
             pinned,
             running: tokio::sync::Mutex::new(()),
             blame: tokio::sync::Mutex::new(None),
+            telemetry,
             status: Mutex::new(ReloadStatus {
                 ok: true,
                 loaded_at: crate::now_ms(),
@@ -265,7 +272,7 @@ impl Reloader {
         let mut plan = match result {
             Ok(p) => p,
             Err(errors) => {
-                metrics::counter!(crate::telemetry::RELOADS, "result" => "failure").increment(1);
+                self.telemetry.reload(false);
                 status.ok = false;
                 status.failed += 1;
                 status.last_errors = Some(errors.to_string());
@@ -304,7 +311,7 @@ impl Reloader {
             plan.settings.postgres = self.pinned.3 .0.clone();
             plan.settings.store_lease = self.pinned.3 .1;
         }
-        metrics::counter!(crate::telemetry::RELOADS, "result" => "success").increment(1);
+        self.telemetry.reload(true);
         status.ok = true;
         status.succeeded += 1;
         status.last_errors = None;
@@ -333,7 +340,7 @@ impl Reloader {
                 took_ms = out.took_ms,
                 "config reloaded"
             );
-            crate::telemetry::register_plan(&plan);
+            self.telemetry.register_plan(&plan);
             let old = self.plan.swap(Arc::new(plan));
             tokio::spawn(release(old));
         } else {

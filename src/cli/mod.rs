@@ -252,7 +252,14 @@ fn run(opts: crate::Options) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(crate::run_plan(plan, opts, crate::shutdown_signal())) {
+    let daemon = async {
+        let listener = crate::bind(&plan).await?;
+        crate::start(listener, plan, opts, crate::shutdown_signal())
+            .await?
+            .wait()
+            .await
+    };
+    match rt.block_on(daemon) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

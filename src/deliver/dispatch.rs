@@ -141,7 +141,8 @@ impl Deliverer {
         let mut all = self.paused.lock().unwrap_or_else(|e| e.into_inner());
         *all = gate.paused();
         all.sort();
-        crate::telemetry::destination_paused(dest, matches!(change, Change::Paused { .. }));
+        self.telemetry
+            .destination_paused(dest, matches!(change, Change::Paused { .. }));
     }
 
     /// A config was installed (at start or by a reload): orphaned deliveries of the
@@ -429,7 +430,7 @@ impl Deliverer {
                             due_at: crate::now_ms() + probe_every.as_millis() as i64,
                         };
                     }
-                    super::observe(&d, &decision);
+                    super::observe(&me.telemetry, &d, &decision);
                     // The destination's slot is free once it has answered; recording the
                     // outcome is the store's business and need not hold the slot.
                     let _ = done.send(Done::Released(lane, dest, verdict));

@@ -46,6 +46,8 @@ pub struct Deliverer {
     pub appender: Appender,
     /// The destinations paused now: (destination, since when in unix ms, failures in a row).
     pub paused: Paused,
+    /// This daemon's metrics.
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 /// The paused destinations, shared with the health and metrics pages.
@@ -68,7 +70,11 @@ pub fn client(user_agent: &str, egress: egress::Egress) -> reqwest::Client {
 }
 
 impl Deliverer {
-    pub fn new(store: Store, plan: Arc<ArcSwap<Plan>>) -> Deliverer {
+    pub fn new(
+        store: Store,
+        plan: Arc<ArcSwap<Plan>>,
+        telemetry: crate::telemetry::Telemetry,
+    ) -> Deliverer {
         let ua = plan.load().settings.delivery.user_agent.clone();
         let egress = egress::Egress::new(plan.clone());
         Deliverer {
@@ -79,6 +85,7 @@ impl Deliverer {
             mailer: Mailer::default(),
             appender: Appender::default(),
             paused: Paused::default(),
+            telemetry,
         }
     }
 
@@ -360,19 +367,17 @@ async fn send_http(
 
 /// Counts an attempt's decision in the metrics: the attempt's result class and duration,
 /// and the delivery's final outcome (with its latency from the webhook) when it has one.
-pub fn observe(d: &Claimed, decision: &Decision) {
-    use crate::telemetry::{ATTEMPT_SECONDS, LATENCY_SECONDS};
+pub fn observe(t: &crate::telemetry::Telemetry, d: &Claimed, decision: &Decision) {
     let postback = d.postback_id.clone();
     if let Some(a) = &decision.attempt {
         let result = match a.outcome.as_str() {
             "delivered" => "2xx",
             other => other,
         };
-        crate::telemetry::attempt(&postback, result);
-        crate::telemetry::action_attempt(decision.kind, result);
+        t.attempt(&postback, result);
+        t.action_attempt(decision.kind, result);
         if result != "render_error" {
-            metrics::histogram!(ATTEMPT_SECONDS, "postback" => postback.clone())
-                .record(a.duration_ms as f64 / 1000.0);
+            t.attempt_seconds(postback.clone(), a.duration_ms as f64 / 1000.0);
         }
     }
     let outcome = match decision.next {
@@ -381,10 +386,10 @@ pub fn observe(d: &Claimed, decision: &Decision) {
         Next::Cancelled => "cancelled",
         Next::Retry { .. } | Next::Orphaned { .. } => return,
     };
-    crate::telemetry::delivery(&postback, outcome);
+    t.delivery(&postback, outcome);
     if outcome == "delivered" {
         let secs = (crate::now_ms() - d.created_at).max(0) as f64 / 1000.0;
-        metrics::histogram!(LATENCY_SECONDS, "postback" => postback).record(secs);
+        t.latency_seconds(postback, secs);
     }
 }
 

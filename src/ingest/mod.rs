@@ -95,9 +95,9 @@ fn bad(msg: impl Into<String>) -> Reject {
 
 /// Counts a refused webhook: its result in `events_received_total`, its reason in
 /// `webhooks_refused_total`.
-fn count_refusal(source: &str, kind: Kind, r: &Reject) {
-    crate::telemetry::event(source, kind.as_str(), result_of(r));
-    crate::telemetry::refused(source, r.reason);
+fn count_refusal(t: &crate::telemetry::Telemetry, source: &str, kind: Kind, r: &Reject) {
+    t.event(source, kind.as_str(), result_of(r));
+    t.refused(source, r.reason);
 }
 
 fn resolve_source(plan: &Plan, name: Option<&str>) -> Result<Source, Reject> {
@@ -276,13 +276,15 @@ async fn accept(
     let n = events.len() as u64;
     match state.store.ingest_batch(events, plan).await {
         Ok(all) => {
-            crate::telemetry::events(&source, kind.as_str(), "accepted", n);
+            state
+                .telemetry
+                .events(&source, kind.as_str(), "accepted", n);
             Ok(all
                 .into_iter()
                 .map(|a| {
                     tracing::debug!(event = %a.event_id, %kind, %source, matched = a.matched.len(), queued = a.queued, "event accepted");
                     for m in &a.matched {
-                        crate::telemetry::matched(m);
+                        state.telemetry.matched(m);
                     }
                     json!({ "event_id": a.event_id, "matched": a.matched, "queued": a.queued, "deliveries": a.deliveries })
                 })
@@ -290,7 +292,9 @@ async fn accept(
         }
         Err(e) => {
             tracing::error!(error = %e, events = n, "events not stored; answering 503");
-            crate::telemetry::events(&source, kind.as_str(), "unavailable", n);
+            state
+                .telemetry
+                .events(&source, kind.as_str(), "unavailable", n);
             let what = if n == 1 {
                 "event not stored"
             } else {
@@ -352,7 +356,7 @@ pub async fn postback(
 ) -> Result<Json<Value>, Reject> {
     let plan = state.plan.load_full();
     let source = resolve_source(&plan, source.as_ref().map(|p| p.0.as_str())).inspect_err(|r| {
-        count_refusal("unknown", Kind::Conversion, r);
+        count_refusal(&state.telemetry, "unknown", Kind::Conversion, r);
     })?;
     let mut params = BTreeMap::new();
     query_params(query.as_deref(), &mut params);
@@ -373,7 +377,8 @@ pub async fn postback(
             )
             .map_err(|e| bad(e.to_string()))
         });
-    let event = parsed.inspect_err(|r| count_refusal(&source.id, source.kind, r))?;
+    let event =
+        parsed.inspect_err(|r| count_refusal(&state.telemetry, &source.id, source.kind, r))?;
     let mut out = accept(state, plan, vec![event]).await?;
     Ok(Json(out.pop().unwrap_or_default()))
 }
@@ -392,11 +397,11 @@ pub async fn events(
     let mut q = BTreeMap::new();
     query_params(query.as_deref(), &mut q);
     let source = resolve_source(&plan, q.get("source").map(String::as_str)).inspect_err(|r| {
-        count_refusal("unknown", Kind::Conversion, r);
+        count_refusal(&state.telemetry, "unknown", Kind::Conversion, r);
     })?;
     q.remove("source");
     let refuse = |r: Reject| {
-        count_refusal(&source.id, source.kind, &r);
+        count_refusal(&state.telemetry, &source.id, source.kind, &r);
         r
     };
     // The secret (in a header, the query or each event) is checked per event below, as
@@ -449,13 +454,13 @@ pub async fn events(
         .check(&source)
         .map_err(|r| refuse(r.into()))?;
     if !errors.is_empty() {
-        crate::telemetry::events(
+        state.telemetry.events(
             &source.id,
             source.kind.as_str(),
             "invalid",
             items.len() as u64,
         );
-        crate::telemetry::refused(&source.id, "invalid");
+        state.telemetry.refused(&source.id, "invalid");
         return Err(Reject {
             code: StatusCode::BAD_REQUEST,
             body: json!({ "error": "invalid events; none were accepted", "errors": errors }),

@@ -26,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
 use crate::plan::ServerSettings;
-use crate::telemetry::{CONNECTIONS_CLOSED, CONNECTION_CLOSE_REASONS};
+use crate::telemetry::{Telemetry, CONNECTION_CLOSE_REASONS};
 
 /// How often the sweeper looks for connections past a deadline.
 const SWEEP: Duration = Duration::from_millis(250);
@@ -67,9 +67,9 @@ impl Conn {
     }
 
     /// Asks the connection's task to drop the connection; counted under `reason`.
-    fn shut(&self, reason: &'static str) {
+    fn shut(&self, telemetry: &Telemetry, reason: &'static str) {
         if !self.closing.swap(true, Ordering::Relaxed) {
-            metrics::counter!(CONNECTIONS_CLOSED, "reason" => reason).increment(1);
+            telemetry.connection_closed(reason, 1);
             self.close.notify_one();
         }
     }
@@ -99,15 +99,25 @@ impl Conn {
 }
 
 /// The open connections.
-#[derive(Default)]
 struct Table {
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
     next_id: AtomicU64,
     /// Woken when a connection is removed.
     freed: Notify,
+    /// Where closes are counted.
+    telemetry: Telemetry,
 }
 
 impl Table {
+    fn new(telemetry: Telemetry) -> Table {
+        Table {
+            conns: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            freed: Notify::new(),
+            telemetry,
+        }
+    }
+
     fn add(&self, now: i64) -> (u64, Arc<Conn>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let c = Arc::new(Conn::new(now));
@@ -138,7 +148,7 @@ impl Table {
             .cloned();
         match victim {
             Some(c) => {
-                c.shut("evicted");
+                c.shut(&self.telemetry, "evicted");
                 true
             }
             None => false,
@@ -148,7 +158,7 @@ impl Table {
     fn sweep(&self, now: i64, s: &ServerSettings) {
         for c in self.lock().values() {
             if let Some(reason) = c.overdue(now, s) {
-                c.shut(reason);
+                c.shut(&self.telemetry, reason);
             }
         }
     }
@@ -287,12 +297,13 @@ pub async fn serve(
     app: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
     settings: impl Fn() -> (ServerSettings, usize) + Send + Sync + 'static,
+    telemetry: Telemetry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     for reason in CONNECTION_CLOSE_REASONS {
-        metrics::counter!(CONNECTIONS_CLOSED, "reason" => reason).increment(0);
+        telemetry.connection_closed(reason, 0);
     }
-    let table = Arc::new(Table::default());
+    let table = Arc::new(Table::new(telemetry.clone()));
     let settings = Arc::new(settings);
     let (stop_tx, stop_rx) = watch::channel(false);
     let sweeper = tokio::spawn({
@@ -307,9 +318,9 @@ pub async fn serve(
                 }
                 let (s, slots) = settings();
                 table.sweep(crate::now_ms(), &s);
-                metrics::gauge!(crate::telemetry::CONNECTIONS_OPEN).set(table.len() as f64);
-                metrics::gauge!(crate::telemetry::CONNECTIONS_LIMIT)
-                    .set(connection_cap(&s, slots) as f64);
+                table
+                    .telemetry
+                    .connections(table.len(), connection_cap(&s, slots));
             }
         }
     });
@@ -340,7 +351,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let (s, slots) = settings();
         if table.len() >= connection_cap(&s, slots) && !table.evict_idle() {
-            metrics::counter!(CONNECTIONS_CLOSED, "reason" => "refused").increment(1);
+            telemetry.connection_closed("refused", 1);
             tokio::spawn(refuse(stream));
             continue;
         }
@@ -384,8 +395,7 @@ pub async fn serve(
                         }
                         Some(Err(e)) => {
                             tracing::debug!(error = %e, %peer, "TLS handshake failed");
-                            metrics::counter!(CONNECTIONS_CLOSED, "reason" => "tls_handshake")
-                                .increment(1);
+                            table.telemetry.connection_closed("tls_handshake", 1);
                         }
                         None => {}
                     }

@@ -21,8 +21,8 @@ pub struct AppState {
     pub plan: Arc<ArcSwap<Plan>>,
     pub store: Store,
     pub reloader: Arc<crate::reload::Reloader>,
-    /// Renders the metrics recorder (none if another recorder was installed first).
-    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// This daemon's metrics.
+    pub telemetry: crate::telemetry::Telemetry,
     /// When the process started (unix seconds).
     pub started: f64,
     /// Each source's rate limit, kept across reloads.
@@ -122,7 +122,7 @@ async fn reload(
 async fn metrics_page(State(state): State<AppState>) -> axum::response::Response {
     let now = crate::now_ms();
     let q = state.store.queue_stats().await.unwrap_or_default();
-    crate::telemetry::collect_process();
+    state.telemetry.collect_process();
     let plan = state.plan.load();
     let status = state.reloader.status();
     let s = crate::telemetry::State {
@@ -145,7 +145,7 @@ async fn metrics_page(State(state): State<AppState>) -> axum::response::Response
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::telemetry::render(state.metrics.as_ref(), &s),
+        state.telemetry.render(&s),
     )
         .into_response()
 }

@@ -14,6 +14,7 @@ mod e2e;
 mod egress;
 mod fleet;
 mod fuzz;
+mod inprocess;
 mod log;
 mod metrics;
 mod reload;
