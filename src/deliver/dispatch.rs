@@ -444,3 +444,7 @@ impl Deliverer {
             .retain(|_, q| !q[0].is_empty() || !q[1].is_empty());
     }
 }
+
+#[cfg(test)]
+#[path = "dispatch_tests.rs"]
+mod tests;

@@ -177,7 +177,7 @@ pub struct Signals {
 }
 
 impl Signals {
-    pub(crate) fn new() -> Arc<Signals> {
+    pub fn new() -> Arc<Signals> {
         let s = Signals::default();
         s.ok.store(true, Ordering::Relaxed);
         Arc::new(s)
@@ -257,6 +257,17 @@ impl Store {
             signals,
             location: location.shown(),
         })
+    }
+
+    /// A store over any backend (the tests' in-memory one); `signals` must be the ones the
+    /// backend reports through.
+    pub fn with_backend(backend: Arc<dyn Backend>, signals: Arc<Signals>, location: &str) -> Store {
+        Store {
+            backend,
+            wake: signals.wake.clone(),
+            signals,
+            location: location.to_string(),
+        }
     }
 
     /// Where the store is (a path, or a connection string with its password masked).
