@@ -377,3 +377,57 @@ async fn a_destinations_concurrency_holds_for_the_whole_fleet() {
     );
     assert!(most >= 1);
 }
+
+/// A daemon whose database is not up yet starts anyway: webhooks get 503 and `/-/ready`
+/// says why until the database answers, then the tables are made and it serves. A database
+/// that refuses it (one that does not exist) stops the start with the server's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_waits_for_a_database_that_is_not_up_yet() {
+    let cluster = Cluster::start();
+    let db = cluster.database();
+    cluster.stop();
+    let sink = Sink::start().await;
+    let cfg = fleet_config(sink.addr);
+    let d = start(cfg.path(), &db);
+    let r = client()
+        .get(d.url("/postback?clickid=early&status=pending"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let r = client().get(d.url("/-/ready")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let why = r.text().await.unwrap();
+    assert!(why.contains("store cannot write"), "{why}");
+    cluster.restart();
+    let started = Instant::now();
+    loop {
+        let (code, _) = get_json(&d.url("/postback?clickid=late&status=pending")).await;
+        if code == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never served: {}",
+            d.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let got = sink.wait_for(Some("/pb"), 1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].param("cid").as_deref(), Some("late"));
+    // A database that does not exist is a mistake to fix, not to wait for.
+    let missing = cluster.url("no_such_database");
+    let (code, _, err) = run_cli(&[
+        "run",
+        cfg.path().to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        &missing,
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("no_such_database") && err.contains("does not exist"),
+        "{err}"
+    );
+}

@@ -60,6 +60,9 @@ pub(super) struct Shared {
     renew: Duration,
     /// Flips when the store is dropped: the listener and the keeper stop.
     closed: tokio::sync::watch::Sender<bool>,
+    /// The schema version, once the tables are known to be there (made or upgraded by the
+    /// first connection that gets through: at open, or later if the database was away).
+    schema: tokio::sync::OnceCell<i64>,
     last_logged: Mutex<Option<Instant>>,
 }
 
@@ -85,12 +88,25 @@ impl Shared {
         }
     }
 
+    /// A pooled connection to a database whose tables are there.
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool.get().await.map_err(|e| {
+        let mut client = self.pool.get().await.map_err(|e| {
             let msg = describe_pool(&e);
             self.unhealthy(&msg);
             StoreError::Unavailable(msg)
-        })
+        })?;
+        if self.schema.get().is_none() {
+            let migrated = self
+                .schema
+                .get_or_try_init(|| async { schema::migrate(&mut client).await })
+                .await;
+            if let Err(e) = migrated {
+                let msg = format!("cannot create the tables: {}", describe(&e));
+                self.unhealthy(&msg);
+                return Err(StoreError::Unavailable(msg));
+            }
+        }
+        Ok(client)
     }
 }
 
@@ -162,11 +178,6 @@ impl Postgres {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| open_err(e.to_string()))?;
-        let mut client = pool.get().await.map_err(|e| open_err(describe_pool(&e)))?;
-        let version = schema::migrate(&mut client)
-            .await
-            .map_err(|e| open_err(describe(&e)))?;
-        drop(client);
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "host".into());
@@ -184,12 +195,29 @@ impl Postgres {
             lease_ms: pg.lease.as_millis() as i64,
             renew: pg.lease / 6,
             closed: tokio::sync::watch::channel(false).0,
+            schema: tokio::sync::OnceCell::new(),
             last_logged: Mutex::new(None),
         });
-        read::heartbeat(&shared, true)
-            .await
-            .map_err(|e| open_err(e.to_string()))?;
-        tracing::info!(instance = %shared.me, schema = version, "PostgreSQL store open");
+        // A database that refuses us (a wrong password, no such database) is a mistake to
+        // fix before starting; one that cannot be reached yet is waited for, answering 503.
+        match shared.pool.get().await {
+            Err(deadpool_postgres::PoolError::Backend(e)) if e.code().is_some() => {
+                return Err(open_err(describe(&e)));
+            }
+            _ => {}
+        }
+        match read::heartbeat(&shared, true).await {
+            Ok(_) => tracing::info!(
+                instance = %shared.me,
+                schema = shared.schema.get().copied().unwrap_or_default(),
+                "PostgreSQL store open"
+            ),
+            Err(e) => tracing::warn!(
+                instance = %shared.me,
+                error = %e,
+                "database not reachable at start; webhooks get 503 until it answers"
+            ),
+        }
         let (ops, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer::run(shared.clone(), rx));
         let closed = shared.closed.subscribe();

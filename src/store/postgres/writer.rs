@@ -169,11 +169,10 @@ impl From<tokio_postgres::Error> for Failure {
 
 /// Runs `batch` in one transaction and commits it.
 async fn commit(shared: &Shared, batch: &[Op]) -> Result<Vec<Out>, Failure> {
-    let mut client = shared
-        .pool
-        .get()
-        .await
-        .map_err(|e| Failure::Connection(super::describe_pool(&e)))?;
+    let mut client = shared.client().await.map_err(|e| match e {
+        StoreError::Unavailable(msg) => Failure::Connection(msg),
+        other => Failure::Connection(other.to_string()),
+    })?;
     let work = async {
         let tx = client.transaction().await?;
         // Finishes need not be synced before they are answered: a crash of this process
