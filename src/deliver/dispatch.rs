@@ -34,6 +34,45 @@ enum Done {
     Fresh(Box<Claimed>),
 }
 
+/// Deliveries claimed and not yet recorded (the store still has them pending, so claims
+/// leave them out), and the last ones recorded: a handover of one of those is stale.
+#[derive(Default)]
+struct Held {
+    now: HashSet<i64>,
+    recent: VecDeque<i64>,
+    recent_set: HashSet<i64>,
+}
+
+/// How many recorded ids a dispatcher remembers.
+const RECENT: usize = 4096;
+
+impl Held {
+    fn insert(&mut self, id: i64) {
+        self.now.insert(id);
+    }
+
+    fn finished(&mut self, id: i64) {
+        self.now.remove(&id);
+        if self.recent_set.insert(id) {
+            self.recent.push_back(id);
+            if self.recent.len() > RECENT {
+                if let Some(old) = self.recent.pop_front() {
+                    self.recent_set.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Whether `id` is held now or was recorded lately.
+    fn seen(&self, id: i64) -> bool {
+        self.now.contains(&id) || self.recent_set.contains(&id)
+    }
+
+    fn ids(&self) -> Vec<i64> {
+        self.now.iter().copied().collect()
+    }
+}
+
 /// Claimed deliveries waiting for a slot: per destination, first attempts and retries.
 #[derive(Default)]
 struct Waiting {
@@ -177,7 +216,7 @@ impl Deliverer {
         let mut tasks = JoinSet::new();
         // Claimed and not yet recorded: the store still has them pending, so claims leave
         // them out.
-        let mut held: HashSet<i64> = HashSet::new();
+        let mut held = Held::default();
         let mut claim_failing = false;
         // Claim when new work was committed, a due time passed, or an attempt ended while
         // the last claim left due work behind (a full destination, a full lane).
@@ -219,7 +258,7 @@ impl Deliverer {
                 woken = false;
                 let destinations = plan.destinations();
                 let mut lane_full = false;
-                let held_ids = Arc::new(held.iter().copied().collect::<Vec<_>>());
+                let held_ids = Arc::new(held.ids());
                 let specs: Vec<ClaimSpec> = [Lane::Fresh, Lane::Retry]
                     .into_iter()
                     .filter_map(|lane| {
@@ -339,7 +378,7 @@ impl Deliverer {
         &self,
         done: Done,
         gate: &mut Gate,
-        held: &mut HashSet<i64>,
+        held: &mut Held,
         waiting: &mut Waiting,
         need_claim: &mut bool,
         left_behind: bool,
@@ -358,11 +397,14 @@ impl Deliverer {
                 }
             }
             Done::Recorded(id) => {
-                held.remove(&id);
+                held.finished(id);
             }
             Done::Fresh(d) => {
-                if held.contains(&d.id) {
-                    return; // a claim got there first
+                if held.seen(d.id) {
+                    // A claim got there first (and maybe finished it already: a backend
+                    // whose ingests and finishes commit on two connections can report an
+                    // outcome just before the handover).
+                    return;
                 }
                 // Held in memory up to HANDOFF_ROOM per destination (the delivery is in
                 // memory already; a claim would read it back). Beyond that it stays in the

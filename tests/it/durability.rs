@@ -22,7 +22,7 @@ async fn sigkill_under_load_loses_no_acknowledged_postback(b: Backend) {
     );
     // A delivery the killed daemon had claimed comes back after its lease (PostgreSQL; the
     // embedded store takes it back at the next start).
-    std::fs::write(cfg.path().join("postbackd.yaml"), "store_lease: 2s\n").unwrap();
+    std::fs::write(cfg.path().join("postbackd.yaml"), "store_lease: 5s\n").unwrap();
     let data = tempfile::tempdir().unwrap();
     let mut d = Daemon::start_with(cfg.path(), data.path(), &env_refs(&env));
     let url = d.url("/postback");

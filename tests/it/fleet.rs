@@ -13,7 +13,7 @@ fn fleet_config(sink: std::net::SocketAddr) -> tempfile::TempDir {
     let cfg = tempfile::tempdir().unwrap();
     write_config(
         cfg.path(),
-        "store_lease: 2s\n",
+        "store_lease: 5s\n",
         &format!(
             "postbacks:\n  - id: pb\n    trigger: conversion\n    retry: [100ms, 200ms, 500ms, 1s]\n    http:\n      url: \"http://{sink}/pb?cid={{clickid}}&st={{status}}\"\n"
         ),
@@ -91,6 +91,15 @@ fn load(
     })
 }
 
+/// Every daemon's log, one after the other.
+fn all_logs(daemons: &[Daemon]) -> String {
+    daemons
+        .iter()
+        .map(|d| d.logs())
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
 /// Waits until every acknowledged (click id, status) reached the sink; then checks the
 /// duplicates' bound and each conversion's order.
 async fn check_arrivals(
@@ -140,7 +149,15 @@ async fn check_arrivals(
         let last_pending = sts.iter().rposition(|s| *s == "pending");
         let first_approved = sts.iter().position(|s| *s == "approved");
         if let (Some(p), Some(a)) = (last_pending, first_approved) {
-            assert!(p < a, "{cid}'s postbacks arrived out of order: {sts:?}");
+            let late: Vec<String> = logs()
+                .lines()
+                .filter(|l| l.contains("renewed late"))
+                .map(str::to_string)
+                .collect();
+            assert!(
+                p < a,
+                "{cid}'s postbacks arrived out of order: {sts:?}; late renewals: {late:?}"
+            );
         }
     }
     eprintln!(
@@ -190,13 +207,7 @@ async fn three_instances_survive_sigkill_rounds() {
         "too little load: {} acked",
         load.acked.len()
     );
-    let logs = || {
-        daemons
-            .iter()
-            .map(|d| d.logs())
-            .collect::<Vec<_>>()
-            .join("\n---\n")
-    };
+    let logs = || all_logs(&daemons);
     // At most `delivery.concurrency` (64) attempts of the killed instance were in flight.
     check_arrivals(&sink, &load.acked, 3 * 64, &logs).await;
     eprintln!("fleet: refused at the kills: {:?}", load.refused);
@@ -295,13 +306,7 @@ async fn the_database_stops_and_returns_under_load() {
         "answered 200 but not stored: {:?}",
         &unstored[..unstored.len().min(5)]
     );
-    let logs = || {
-        daemons
-            .iter()
-            .map(|d| d.logs())
-            .collect::<Vec<_>>()
-            .join("\n---\n")
-    };
+    let logs = || all_logs(&daemons);
     // An attempt whose outcome could not be recorded while the database was away is sent
     // again once its lease runs out: at most the attempts in flight (64 per instance).
     check_arrivals(&sink, &load.acked, 2 * 64, &logs).await;

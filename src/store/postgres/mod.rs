@@ -3,7 +3,11 @@
 //!
 //! How it keeps the store's guarantees:
 //! - **Durable before 2xx**: ingest is answered after its transaction commits
-//!   (`synchronous_commit` on). Concurrent ingests share a commit ([`writer`]).
+//!   (`synchronous_commit` on). Concurrent ingests share a commit ([`writer`]); outcomes
+//!   are committed by a second writer on a connection of its own, so neither waits for
+//!   the other. A delivery handed over after an ingest commit can therefore have its
+//!   outcome recorded just before the handover reaches the dispatcher, which ignores a
+//!   handover of a delivery it has already recorded.
 //! - **Dedupe across instances**: ingest locks each conversion's row (`FOR UPDATE`, made
 //!   first when new) for the length of its transaction, so a repeat or a status update that
 //!   reaches another instance waits for the first commit and then sees it; the unique
@@ -11,7 +15,8 @@
 //! - **Order**: a claim skips a delivery while an earlier one of its order key is pending,
 //!   whoever holds that one.
 //! - **One attempt at a time**: a claim leases what it takes (`FOR UPDATE SKIP LOCKED`, then
-//!   `lease_owner` and `lease_until`); other instances skip leased rows. The keeper renews
+//!   `lease_owner` and `lease_until`); other instances skip leased rows. Leases are timed by
+//!   the database's clock, so instances' clocks need not agree. The keeper renews
 //!   this instance's leases six times per lease; a killed instance's leases run out after
 //!   the lease ([`LEASE`] unless `store_lease` says otherwise) and its deliveries are claimed by the others.
 //! - **New work wakes the others**: a finish that frees the next delivery of an order key,
@@ -144,7 +149,11 @@ fn store_err(shared: &Shared, e: tokio_postgres::Error) -> StoreError {
 /// The shared store.
 pub struct Postgres {
     shared: Arc<Shared>,
-    ops: mpsc::UnboundedSender<writer::Op>,
+    /// The writer of ingests.
+    ingests: mpsc::UnboundedSender<writer::Op>,
+    /// The writer of finishes, on a connection of its own: a webhook's commit never waits
+    /// behind a batch of outcomes, nor a drain behind the webhooks.
+    finishes: mpsc::UnboundedSender<writer::Op>,
 }
 
 impl Postgres {
@@ -218,12 +227,18 @@ impl Postgres {
                 "database not reachable at start; webhooks get 503 until it answers"
             ),
         }
-        let (ops, rx) = mpsc::unbounded_channel();
+        let (ingests, rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer::run(shared.clone(), rx));
+        let (finishes, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer::run(shared.clone(), rx));
         let closed = shared.closed.subscribe();
         tokio::spawn(stop_on(closed.clone(), listen(config, shared.clone())));
         tokio::spawn(stop_on(closed, keep(shared.clone())));
-        Ok(Postgres { shared, ops })
+        Ok(Postgres {
+            shared,
+            ingests,
+            finishes,
+        })
     }
 
     /// This instance's name on its leases.
@@ -236,7 +251,11 @@ impl Postgres {
         op: writer::Op,
         rx: oneshot::Receiver<Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        self.ops.send(op).map_err(|_| StoreError::Closed)?;
+        let lane = match op {
+            writer::Op::Ingest { .. } => &self.ingests,
+            writer::Op::Finish { .. } => &self.finishes,
+        };
+        lane.send(op).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 }
@@ -299,6 +318,7 @@ async fn listen(config: tokio_postgres::Config, shared: Arc<Shared>) {
 /// instances counted.
 async fn keep(shared: Arc<Shared>) {
     let mut last = Instant::now();
+    let mut renewed = Instant::now();
     loop {
         tokio::time::sleep(shared.renew.min(Duration::from_secs(1))).await;
         let probe = !shared.signals.is_ok();
@@ -306,6 +326,18 @@ async fn keep(shared: Arc<Shared>) {
             last = Instant::now();
             match read::heartbeat(&shared, false).await {
                 Ok(n) => {
+                    // A renewal later than half a lease (an overloaded host, a slow
+                    // database) risks another instance taking this one's deliveries while
+                    // they are attempted: say so, as it would explain a duplicate.
+                    let gap = renewed.elapsed();
+                    if gap.as_millis() as i64 > shared.lease_ms / 2 {
+                        tracing::warn!(
+                            gap_ms = gap.as_millis() as u64,
+                            lease_ms = shared.lease_ms,
+                            "leases renewed late; another instance may attempt some of this one's deliveries too (raise store_lease)"
+                        );
+                    }
+                    renewed = Instant::now();
                     shared.fleet.store(n.max(1), Ordering::Relaxed);
                     shared.healthy();
                 }

@@ -17,7 +17,8 @@ macro_rules! claim_sql {
                SELECT d.id FROM deliveries d
                WHERE d.state = 0 AND d.due_at <= $1 ",
             $lane,
-            " AND (d.lease_until IS NULL OR d.lease_until <= $1 OR d.lease_owner = $5)
+            " AND (d.lease_until IS NULL OR d.lease_owner = $5
+                      OR d.lease_until <= (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
                  AND d.id <> ALL($4::bigint[])
                  AND d.postback_id <> ALL($2::text[])
                  AND NOT EXISTS (SELECT 1 FROM deliveries p
@@ -25,7 +26,8 @@ macro_rules! claim_sql {
                ORDER BY d.due_at, d.id
                LIMIT $3
                FOR UPDATE OF d SKIP LOCKED)
-             UPDATE deliveries d SET lease_owner = $5, lease_until = $6
+             UPDATE deliveries d SET lease_owner = $5,
+                    lease_until = (extract(epoch FROM clock_timestamp()) * 1000)::bigint + $6
              FROM c WHERE d.id = c.id
              RETURNING d.id, d.postback_id, d.offer, d.event, d.attempts, d.created_at, d.delayed,
                        CASE WHEN d.delayed AND d.attempts = 0
@@ -51,7 +53,6 @@ pub(super) async fn claim(
             Lane::Retry => CLAIM_RETRY,
             Lane::Any => CLAIM_ANY,
         };
-        let lease_until = crate::now_ms() + shared.lease_ms;
         let st = client
             .prepare_cached(sql)
             .await
@@ -65,7 +66,7 @@ pub(super) async fn claim(
                     &spec.scan(),
                     &*spec.held,
                     &&*shared.me,
-                    &lease_until,
+                    &shared.lease_ms,
                 ],
             )
             .await
@@ -118,10 +119,12 @@ pub(super) async fn heartbeat(shared: &Shared, first: bool) -> Result<usize, Sto
         // Rows being finished right now are skipped: they are about to lose their lease.
         client
             .execute(
-                "UPDATE deliveries SET lease_until = $2 WHERE id IN
+                "UPDATE deliveries
+                 SET lease_until = (extract(epoch FROM clock_timestamp()) * 1000)::bigint + $2
+                 WHERE id IN
                    (SELECT id FROM deliveries WHERE lease_owner = $1 AND state = 0
                     FOR UPDATE SKIP LOCKED)",
-                &[&me, &(now + shared.lease_ms)],
+                &[&me, &shared.lease_ms],
             )
             .await
             .map_err(|e| store_err(shared, e))?;

@@ -309,14 +309,15 @@ const INSERT_DELIVERIES: &str =
                  SELECT u.id, u.event_id, u.postback_id, u.offer, u.conv_key, u.order_key,
                         u.dedupe_key, u.status, u.event, 0, 0, u.created_at, u.due_at,
                         u.created_at, u.delayed, u.clickid, u.transaction_id, u.offer_id,
-                        u.affiliate_id, u.goal, u.lease_owner, u.lease_until
+                        u.affiliate_id, u.goal, u.lease_owner,
+                        (extract(epoch FROM clock_timestamp()) * 1000)::bigint + u.lease_for
                  FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
                              $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[],
                              $11::bigint[], $12::boolean[], $13::text[], $14::text[],
                              $15::text[], $16::text[], $17::text[], $18::text[], $19::bigint[])
                    AS u(id, event_id, postback_id, offer, conv_key, order_key, dedupe_key,
                         status, event, created_at, due_at, delayed, clickid, transaction_id,
-                        offer_id, affiliate_id, goal, lease_owner, lease_until)
+                        offer_id, affiliate_id, goal, lease_owner, lease_for)
                  ON CONFLICT (dedupe_key) DO NOTHING
                  RETURNING id";
 
@@ -409,7 +410,9 @@ struct NewRows {
     affiliate_id: Vec<Option<String>>,
     goal: Vec<Option<String>>,
     lease_owner: Vec<Option<String>>,
-    lease_until: Vec<Option<i64>>,
+    /// How long the lease lasts, for the deliveries leased at insert (the database's clock
+    /// starts it).
+    lease_for: Vec<Option<i64>>,
 }
 
 #[derive(Default)]
@@ -472,7 +475,6 @@ async fn ingest(
             );
         }
     }
-    let now = crate::now_ms();
     let mut rows = NewRows::default();
     let mut events_out = EventRows::default();
     // Per new delivery: (job, event in the job, merged event, zero delay), for the answers.
@@ -606,7 +608,6 @@ async fn ingest(
         rows.id = ids;
         let busy: HashSet<String> = busy_rows.iter().map(|r| r.get(0)).collect();
         let mut first_of_key: HashSet<&str> = HashSet::new();
-        let lease_until = now + shared.lease_ms;
         let mut fresh = Vec::with_capacity(made.len());
         for (i, (_, _, _, now_due)) in made.iter().enumerate() {
             let key = rows.order_key[i].as_str();
@@ -614,7 +615,7 @@ async fn ingest(
             let go = *now_due && first && !busy.contains(key);
             fresh.push(go);
             rows.lease_owner.push(go.then(|| shared.me.to_string()));
-            rows.lease_until.push(go.then_some(lease_until));
+            rows.lease_for.push(go.then_some(shared.lease_ms));
         }
         let (inserted, _) = tokio::try_join!(
             async {
@@ -640,7 +641,7 @@ async fn ingest(
                         &rows.affiliate_id,
                         &rows.goal,
                         &rows.lease_owner,
-                        &rows.lease_until,
+                        &rows.lease_for,
                     ],
                 )
                 .await
