@@ -380,6 +380,30 @@ async fn the_log_retries_by_hand_and_pruning(b: Backend) {
     assert!(!events.is_empty());
     let stats = store.queue_stats().await.unwrap();
     assert_eq!(stats.pending, 1);
+    // Once nothing of the conversion is pending, pruning takes it too: the same status is a
+    // new conversion after the retention period.
+    store
+        .finish(later_id, Some(attempt("delivered")), Next::Delivered, None)
+        .await
+        .unwrap();
+    while store
+        .prune(postbackd::now_ms() + 10_000, 100)
+        .await
+        .unwrap()
+        > 0
+    {}
+    assert!(store.delivery(later_id, None).await.unwrap().is_none());
+    let after = store
+        .ingest(
+            conversion(&[("transaction_id", "T6"), ("status", "approved")]),
+            plan.clone(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        after.queued, 2,
+        "the conversion was pruned with its last event"
+    );
 }
 
 /// An orphan waits for its postback; a reload that brings it back makes it due now.

@@ -59,6 +59,9 @@ pub(super) struct Shared {
     me: Arc<str>,
     /// Live instances, as last counted.
     fleet: AtomicUsize,
+    /// The deliveries this instance holds a lease on (claimed or made fresh, not yet
+    /// finished): what the keeper renews, by id, so no index on the lease is needed.
+    leased: Mutex<std::collections::HashSet<i64>>,
     /// How long a lease lasts, in ms.
     lease_ms: i64,
     /// How often leases are renewed and the instance says it is alive.
@@ -72,6 +75,18 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    /// Notes leases taken (`true`) or given up.
+    fn lease(&self, ids: impl IntoIterator<Item = i64>, taken: bool) {
+        let mut l = self.leased.lock().unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            if taken {
+                l.insert(id);
+            } else {
+                l.remove(&id);
+            }
+        }
+    }
+
     fn healthy(&self) {
         if !self.signals.is_ok() {
             tracing::info!("database writes again; ready");
@@ -201,6 +216,7 @@ impl Postgres {
             signals,
             me,
             fleet: AtomicUsize::new(1),
+            leased: Mutex::default(),
             lease_ms: pg.lease.as_millis() as i64,
             renew: pg.lease / 6,
             closed: tokio::sync::watch::channel(false).0,

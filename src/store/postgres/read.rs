@@ -86,6 +86,14 @@ pub(super) async fn claim(
             })
         });
         let (claim, left) = take(spec, candidates)?;
+        shared.lease(
+            claim
+                .claimed
+                .iter()
+                .map(|c| c.id)
+                .chain(claim.unreadable.iter().copied()),
+            true,
+        );
         if !left.is_empty() {
             client
                 .execute(
@@ -115,16 +123,22 @@ pub(super) async fn heartbeat(shared: &Shared, first: bool) -> Result<usize, Sto
         )
         .await
         .map_err(|e| store_err(shared, e))?;
-    if !first {
+    let leased: Vec<i64> = shared
+        .leased
+        .lock()
+        .map(|l| l.iter().copied().collect())
+        .unwrap_or_default();
+    if !first && !leased.is_empty() {
         // Rows being finished right now are skipped: they are about to lose their lease.
         client
             .execute(
                 "UPDATE deliveries
                  SET lease_until = (extract(epoch FROM clock_timestamp()) * 1000)::bigint + $2
                  WHERE id IN
-                   (SELECT id FROM deliveries WHERE lease_owner = $1 AND state = 0
+                   (SELECT id FROM deliveries
+                    WHERE id = ANY($3) AND lease_owner = $1 AND state = 0
                     FOR UPDATE SKIP LOCKED)",
-                &[&me, &shared.lease_ms],
+                &[&me, &shared.lease_ms, &leased],
             )
             .await
             .map_err(|e| store_err(shared, e))?;
@@ -199,29 +213,31 @@ pub(super) async fn prune(shared: &Shared, before: i64, limit: usize) -> Result<
         .await
         .map_err(|e| store_err(shared, e))?
         .len();
-    // An event stays while a delivery it made is kept: the log finds deliveries by it.
-    let events = client
-        .execute(
-            "DELETE FROM events WHERE id IN
-               (SELECT id FROM events e WHERE received_at < $1
-                  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id)
-                LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    // An event stays while a delivery it made is kept: the log finds deliveries by it. The
+    // conversions of the events that go are looked at: one last touched before `before`
+    // with no unfinished delivery goes too (its `sent` list is the dedupe, so it stays
+    // while any delivery is pending; and a pending delivery keeps its event, so the
+    // conversion is looked at again when that event goes).
+    let row = client
+        .query_one(
+            "WITH gone AS (
+               DELETE FROM events WHERE id IN
+                 (SELECT id FROM events e WHERE received_at < $1
+                    AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id)
+                  LIMIT $2 FOR UPDATE SKIP LOCKED)
+               RETURNING conv_key),
+             conv AS (
+               DELETE FROM conversions c
+               WHERE c.key IN (SELECT conv_key FROM gone WHERE conv_key IS NOT NULL)
+                 AND c.updated_at < $1
+                 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.state = 0 AND d.conv_key = c.key)
+               RETURNING 1)
+             SELECT (SELECT COUNT(*) FROM gone), (SELECT COUNT(*) FROM conv)",
             &[&before, &limit],
         )
         .await
         .map_err(|e| store_err(shared, e))?;
-    // A conversion stays while any of its deliveries is unfinished: its `sent` list is the
-    // dedupe.
-    let conversions = client
-        .execute(
-            "DELETE FROM conversions WHERE key IN
-               (SELECT key FROM conversions c WHERE updated_at < $1
-                  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.state = 0 AND d.conv_key = c.key)
-                LIMIT $2 FOR UPDATE SKIP LOCKED)",
-            &[&before, &limit],
-        )
-        .await
-        .map_err(|e| store_err(shared, e))?;
+    let (events, conversions): (i64, i64) = (row.get(0), row.get(1));
     Ok(deliveries.max(events as usize).max(conversions as usize))
 }
 

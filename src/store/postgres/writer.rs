@@ -56,10 +56,13 @@ impl Op {
     fn answer(self, out: Result<Out, StoreError>, shared: &Shared) {
         match (self, out) {
             (Op::Ingest { reply, .. }, Ok(Out::Ingest(mut all))) => {
+                // Fresh deliveries were leased to this instance at insert.
+                shared.lease(all.iter().flat_map(|a| a.fresh.iter().map(|c| c.id)), true);
                 shared.signals.committed(&mut all);
                 let _ = reply.send(Ok(all));
             }
-            (Op::Finish { reply, .. }, Ok(Out::Finish(b))) => {
+            (Op::Finish { id, reply, .. }, Ok(Out::Finish(b))) => {
+                shared.lease([id], false);
                 let _ = reply.send(Ok(b));
             }
             (Op::Ingest { reply, .. }, Err(e)) => {
