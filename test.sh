@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests and end-to-end tests against the real binary, a real
-# Prometheus and promtool, a real PostgreSQL, the Standard Webhooks reference library, a real SMTP server
+# Prometheus and promtool, a real PostgreSQL, a real browser (chromium), the Standard Webhooks reference library, a real SMTP server
 # (aiosmtpd), a container image built with podman, systemd-analyze and a Kubernetes schema
 # checker. Installs what is missing: Debian's packages (prometheus, podman, debootstrap)
 # and PyPI's (standardwebhooks, aiosmtpd, kubernetes-validate).
@@ -58,6 +58,18 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v psql >/
   sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends postgresql postgresql-client >/dev/null
+fi
+# The web page's browser test: Debian's chromium, driven by playwright-core from npm (the
+# version pinned in tests/browser/package-lock.json; it never downloads a browser).
+if ! command -v chromium >/dev/null || ! command -v node >/dev/null; then
+  echo "installing chromium and nodejs (apt-get install chromium nodejs npm)" >&2
+  sudo=""; [[ $(id -u) -ne 0 ]] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium nodejs npm >/dev/null
+fi
+if [[ ! -d tests/browser/node_modules/playwright-core ]]; then
+  echo "installing playwright-core (npm ci in tests/browser)" >&2
+  (cd tests/browser && npm ci --no-audit --no-fund --silent)
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -218,6 +218,7 @@ pub async fn start(
         started: started_ms as f64 / 1000.0,
         limiters: Arc::default(),
         paused,
+        ui: Arc::default(),
     });
     let limits = plan.clone();
     let limits = move || {

@@ -2,6 +2,7 @@
 //! bounds the connections.
 
 pub mod conns;
+pub mod ui;
 
 use crate::ingest;
 use crate::plan::Plan;
@@ -29,6 +30,8 @@ pub struct AppState {
     pub limiters: Arc<crate::ingest::guard::Limiters>,
     /// The destinations the dispatcher has paused.
     pub paused: crate::deliver::Paused,
+    /// The web page's templates and sessions.
+    pub ui: Arc<ui::Ui>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -44,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/-/reload", post(reload))
         .route("/metrics", get(metrics_page))
         .merge(crate::api::routes())
+        .merge(ui::routes())
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,

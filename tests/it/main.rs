@@ -25,3 +25,4 @@ mod sources;
 mod store;
 mod support;
 mod tls;
+mod ui;

@@ -1,0 +1,622 @@
+//! The web page for the logs, under `/ui`: deliveries (filtered, paged, one with its
+//! attempts and a Retry button) and health. Server-rendered with minijinja (HTML
+//! auto-escaping), templates and style embedded in the binary: no build step, no CDN.
+//!
+//! A person signs in with a token (admin or affiliate) and gets a session cookie
+//! (`HttpOnly`, `SameSite=Strict`, `Secure` behind TLS). An affiliate's session sees its own
+//! postbacks' deliveries only, through the same query-level scope as the API. The Retry
+//! form carries the session's CSRF token. Wrong tokens are limited per client address.
+//! The page is off (404) until an admin or affiliate token is configured.
+
+use crate::api::Access;
+use crate::server::AppState;
+use crate::store::{DeliveryQuery, DeliveryRow, RetryFilter, State as DeliveryState};
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use minijinja::{context, Environment};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+const COOKIE: &str = "postbackd_session";
+/// A session lasts this long (ms).
+const SESSION_MS: i64 = 12 * 3600 * 1000;
+/// Wrong tokens allowed per client address per minute.
+const LOGIN_TRIES: u32 = 5;
+/// The page reloads itself this often (s) on the first page of deliveries.
+const REFRESH_S: u32 = 10;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/ui", get(|| async { Redirect::to("/ui/deliveries") }))
+        .route("/ui/", get(|| async { Redirect::to("/ui/deliveries") }))
+        .route("/ui/style.css", get(style))
+        .route("/ui/login", get(login_page).post(login))
+        .route("/ui/logout", get(logout))
+        .route("/ui/deliveries", get(deliveries))
+        .route("/ui/deliveries/{id}", get(delivery))
+        .route("/ui/deliveries/{id}/retry", post(retry))
+        .route("/ui/health", get(health))
+}
+
+/// The page's templates, sessions and sign-in limits; one per daemon.
+pub struct Ui {
+    env: Environment<'static>,
+    sessions: Mutex<HashMap<String, Session>>,
+    failures: Mutex<HashMap<IpAddr, (u32, i64)>>,
+}
+
+#[derive(Clone)]
+struct Session {
+    access: Access,
+    csrf: String,
+    expires: i64,
+}
+
+impl Default for Ui {
+    fn default() -> Self {
+        let mut env = Environment::new();
+        for (name, src) in [
+            ("base.html", include_str!("templates/base.html")),
+            ("login.html", include_str!("templates/login.html")),
+            ("deliveries.html", include_str!("templates/deliveries.html")),
+            ("delivery.html", include_str!("templates/delivery.html")),
+            ("health.html", include_str!("templates/health.html")),
+        ] {
+            // The templates are part of the binary and tested; a broken one fails here
+            // in every test run.
+            env.add_template(name, src)
+                .unwrap_or_else(|e| panic!("ui template {name}: {e}"));
+        }
+        Ui {
+            env,
+            sessions: Mutex::default(),
+            failures: Mutex::default(),
+        }
+    }
+}
+
+/// A random token: 32 hex digits from the system's generator.
+fn random() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+impl Ui {
+    fn render(&self, name: &str, ctx: minijinja::Value) -> Response {
+        match self.env.get_template(name).and_then(|t| t.render(ctx)) {
+            Ok(html) => Html(html).into_response(),
+            Err(e) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("page error: {e}"),
+            )
+                .into_response(),
+        }
+    }
+
+    fn session(&self, headers: &HeaderMap) -> Option<Session> {
+        let id = cookie(headers, COOKIE)?;
+        let mut all = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let now = crate::now_ms();
+        all.retain(|_, s| s.expires > now);
+        all.get(&id).cloned()
+    }
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+/// Whether the page is on: it needs a token to sign in with.
+fn enabled(state: &AppState) -> bool {
+    let p = state.plan.load();
+    !p.settings.admin_tokens.is_empty() || !p.settings.affiliate_tokens.is_empty()
+}
+
+fn off() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        "the web page is off: set api.admin_tokens (or affiliate tokens) in postbackd.yaml\n",
+    )
+        .into_response()
+}
+
+fn who(a: &Access) -> String {
+    match a {
+        Access::Admin => "admin".into(),
+        Access::Affiliate(id) => format!("affiliate {id}"),
+    }
+}
+
+/// The signed-in session, if there is one (and the page is on).
+fn signed_in(state: &AppState, headers: &HeaderMap) -> Option<Session> {
+    if !enabled(state) {
+        return None;
+    }
+    state.ui.session(headers)
+}
+
+/// What a visit without a session gets: the sign-in page, or 404 when the page is off.
+fn sign_in_first(state: &AppState) -> Response {
+    if enabled(state) {
+        Redirect::to("/ui/login").into_response()
+    } else {
+        off()
+    }
+}
+
+async fn style() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("style.css"),
+    )
+        .into_response()
+}
+
+async fn login_page(State(state): State<AppState>) -> Response {
+    if !enabled(&state) {
+        return off();
+    }
+    state.ui.render("login.html", context! {})
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+async fn login(
+    State(state): State<AppState>,
+    peer: Option<axum::Extension<crate::ingest::guard::Peer>>,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    if !enabled(&state) {
+        return off();
+    }
+    let ip = peer
+        .map(|p| p.0 .0.ip())
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let now = crate::now_ms();
+    {
+        let failures = state.ui.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((n, since)) = failures.get(&ip) {
+            if *n >= LOGIN_TRIES && now - since < 60_000 {
+                let mut r = state.ui.render(
+                    "login.html",
+                    context! { error => "Too many wrong tokens from your address: wait a minute." },
+                );
+                *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
+                return r;
+            }
+        }
+    }
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = format!("Bearer {}", form.token.trim()).parse() {
+        headers.insert(header::AUTHORIZATION, v);
+    }
+    let access = match crate::api::authorize(&state, &headers) {
+        Ok(a) => a,
+        Err(_) => {
+            let mut failures = state.ui.failures.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = failures.entry(ip).or_insert((0, now));
+            if now - entry.1 >= 60_000 {
+                *entry = (0, now);
+            }
+            entry.0 += 1;
+            tracing::warn!(client = %ip, "web page: wrong token");
+            let mut r = state
+                .ui
+                .render("login.html", context! { error => "Wrong token." });
+            *r.status_mut() = StatusCode::UNAUTHORIZED;
+            return r;
+        }
+    };
+    let id = random();
+    state
+        .ui
+        .sessions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(
+            id.clone(),
+            Session {
+                access,
+                csrf: random(),
+                expires: now + SESSION_MS,
+            },
+        );
+    let secure = if state.plan.load().settings.server.tls.is_some() {
+        "; Secure"
+    } else {
+        ""
+    };
+    let cookie = format!(
+        "{COOKIE}={id}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
+        SESSION_MS / 1000
+    );
+    let mut r = Redirect::to("/ui/deliveries").into_response();
+    if let Ok(v) = cookie.parse() {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(id) = cookie(&headers, COOKIE) {
+        state
+            .ui
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+    let mut r = Redirect::to("/ui/login").into_response();
+    if let Ok(v) = format!("{COOKIE}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0").parse() {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+/// The filters, as the URL carries them.
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
+struct Filters {
+    postback: Option<String>,
+    offer: Option<String>,
+    affiliate: Option<String>,
+    goal: Option<String>,
+    status: Option<String>,
+    state: Option<String>,
+    outcome: Option<String>,
+    /// A transaction or click id.
+    q: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    before: Option<i64>,
+}
+
+fn set(v: &Option<String>) -> Option<String> {
+    v.as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+fn instant(name: &str, v: &Option<String>) -> Result<Option<i64>, String> {
+    match set(v) {
+        None => Ok(None),
+        Some(s) => crate::render::template::parse_instant(&s)
+            .map(|t| Some(t.as_millisecond()))
+            .ok_or_else(|| format!("{name}: `{s}` is not a time (RFC 3339 or unix seconds)")),
+    }
+}
+
+/// A delivery as the page shows it: its fields and when it was made, as text.
+#[derive(serde::Serialize)]
+struct RowView<'a> {
+    #[serde(flatten)]
+    d: &'a DeliveryRow,
+    created: String,
+}
+
+fn row(d: &DeliveryRow) -> minijinja::Value {
+    minijinja::Value::from_serialize(RowView {
+        d,
+        created: crate::utc_text(d.created_at),
+    })
+}
+
+/// An attempt as the page shows it.
+#[derive(serde::Serialize)]
+struct AttemptView<'a> {
+    #[serde(flatten)]
+    a: &'a crate::store::AttemptRow,
+    started: String,
+}
+
+async fn deliveries(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(f): Query<Filters>,
+) -> Response {
+    let Some(session) = signed_in(&state, &headers) else {
+        return sign_in_first(&state);
+    };
+    let plan = state.plan.load_full();
+    let visible = match &session.access {
+        Access::Admin => None,
+        Access::Affiliate(a) => Some(plan.owned_by(a)),
+    };
+    let mut postbacks: Vec<String> = match &visible {
+        Some(v) => v.clone(),
+        None => plan.postbacks.iter().map(|p| p.id.clone()).collect(),
+    };
+    postbacks.sort();
+    let mut error = None;
+    let (since, until) = match (instant("since", &f.since), instant("until", &f.until)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            error = Some(e);
+            (None, None)
+        }
+    };
+    // An affiliate's scope comes first: a postback filter outside it leaves nothing.
+    let scope = match (&visible, set(&f.postback)) {
+        (Some(v), Some(p)) => Some(v.iter().filter(|x| **x == p).cloned().collect()),
+        (Some(v), None) => Some(v.clone()),
+        (None, Some(p)) => Some(vec![p]),
+        (None, None) => None,
+    };
+    let state_filter = set(&f.state).and_then(|s| DeliveryState::parse(&s));
+    let q = set(&f.q);
+    let query = DeliveryQuery {
+        offer: set(&f.offer),
+        affiliate: if visible.is_none() {
+            set(&f.affiliate)
+        } else {
+            None
+        },
+        goal: set(&f.goal),
+        postbacks: scope.clone(),
+        status: set(&f.status),
+        state: state_filter,
+        outcome: set(&f.outcome),
+        since,
+        until,
+        before_id: f.before,
+        limit: 50,
+        transaction_id: q.clone(),
+        ..DeliveryQuery::default()
+    };
+    // The search box takes a transaction id or a click id: the transaction first.
+    let mut result = state.store.deliveries(query.clone()).await;
+    if let (Some(q), Ok((rows, _))) = (&q, &result) {
+        if rows.is_empty() {
+            result = state
+                .store
+                .deliveries(DeliveryQuery {
+                    transaction_id: None,
+                    clickid: Some(q.clone()),
+                    ..query
+                })
+                .await;
+        }
+    }
+    let (rows, next) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            error = Some(e.to_string());
+            (Vec::new(), None)
+        }
+    };
+    let next = next.map(|before| {
+        let mut params: Vec<(String, String)> = Vec::new();
+        for (k, v) in [
+            ("postback", &f.postback),
+            ("offer", &f.offer),
+            ("affiliate", &f.affiliate),
+            ("goal", &f.goal),
+            ("status", &f.status),
+            ("state", &f.state),
+            ("outcome", &f.outcome),
+            ("q", &f.q),
+            ("since", &f.since),
+            ("until", &f.until),
+        ] {
+            if let Some(v) = set(v) {
+                params.push((k.into(), v));
+            }
+        }
+        params.push(("before".into(), before.to_string()));
+        let qs = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(params)
+            .finish();
+        format!("/ui/deliveries?{qs}")
+    });
+    let rows: Vec<minijinja::Value> = rows.iter().map(row).collect();
+    state.ui.render(
+        "deliveries.html",
+        context! {
+            who => who(&session.access),
+            page => "deliveries",
+            admin => visible.is_none(),
+            postbacks,
+            f => minijinja::Value::from_serialize(&f),
+            rows,
+            next,
+            error,
+            refresh => f.before.is_none().then_some(REFRESH_S),
+        },
+    )
+}
+
+/// Why a pending delivery waits.
+fn waiting(
+    d: &DeliveryRow,
+    paused: &[(String, i64, u32)],
+    plan: &crate::plan::Plan,
+) -> Option<String> {
+    if d.state != DeliveryState::Pending {
+        return None;
+    }
+    let now = crate::now_ms();
+    if let Some(since) = d.orphaned_at {
+        return Some(format!(
+            "its postback is not in the config since {}; it waits for it until {}",
+            crate::utc_text(since),
+            crate::utc_text(d.due_at)
+        ));
+    }
+    let dest = plan
+        .postback(&d.postback)
+        .map(|p| p.action.destination().to_string())
+        .unwrap_or_default();
+    if let Some((_, since, failures)) = paused.iter().find(|(p, _, _)| *p == dest) {
+        return Some(format!(
+            "its destination {dest} is paused since {} after {failures} failures in a row",
+            crate::utc_text(*since)
+        ));
+    }
+    if d.due_at > now {
+        return Some(if d.attempts > 0 {
+            format!("retry at {}", crate::utc_text(d.due_at))
+        } else {
+            format!("held until {}", crate::utc_text(d.due_at))
+        });
+    }
+    Some("due now: in flight, or behind an earlier delivery of the same conversion".into())
+}
+
+#[derive(Deserialize, Default)]
+struct Notice {
+    retried: Option<String>,
+}
+
+async fn delivery(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    Query(n): Query<Notice>,
+) -> Response {
+    let Some(session) = signed_in(&state, &headers) else {
+        return sign_in_first(&state);
+    };
+    let plan = state.plan.load_full();
+    let visible = match &session.access {
+        Access::Admin => None,
+        Access::Affiliate(a) => Some(plan.owned_by(a)),
+    };
+    let d = match state.store.delivery(id, visible).await {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            return (StatusCode::NOT_FOUND, format!("no delivery {id}\n")).into_response();
+        }
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    };
+    let paused = state.paused.lock().map(|p| p.clone()).unwrap_or_default();
+    let attempts: Vec<minijinja::Value> = d
+        .attempt_log
+        .iter()
+        .map(|a| {
+            minijinja::Value::from_serialize(AttemptView {
+                a,
+                started: crate::utc_text(a.recorded.started_at),
+            })
+        })
+        .collect();
+    let finished = matches!(
+        d.state,
+        DeliveryState::Dead | DeliveryState::Delivered | DeliveryState::Cancelled
+    );
+    state.ui.render(
+        "delivery.html",
+        context! {
+            who => who(&session.access),
+            page => "deliveries",
+            waiting => waiting(&d, &paused, &plan),
+            created => crate::utc_text(d.created_at),
+            can_retry => finished && session.access == Access::Admin,
+            csrf => session.csrf.clone(),
+            notice => n.retried.map(|_| "Queued again: the new attempt shows here once it is made."),
+            attempts,
+            d => minijinja::Value::from_serialize(&d),
+        },
+    )
+}
+
+#[derive(Deserialize)]
+struct RetryForm {
+    csrf: String,
+}
+
+async fn retry(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    Form(form): Form<RetryForm>,
+) -> Response {
+    let Some(session) = signed_in(&state, &headers) else {
+        return sign_in_first(&state);
+    };
+    use subtle::ConstantTimeEq;
+    let csrf_ok: bool = session.csrf.as_bytes().ct_eq(form.csrf.as_bytes()).into();
+    if !csrf_ok {
+        return (
+            StatusCode::FORBIDDEN,
+            "the form is stale or not from this page\n",
+        )
+            .into_response();
+    }
+    if session.access != Access::Admin {
+        return (StatusCode::FORBIDDEN, "retrying needs an admin token\n").into_response();
+    }
+    match state
+        .store
+        .retry(RetryFilter {
+            id: Some(id),
+            ..RetryFilter::default()
+        })
+        .await
+    {
+        Ok(ids) if !ids.is_empty() => {
+            tracing::info!(delivery = id, "delivery queued again by hand (web page)");
+            Redirect::to(&format!("/ui/deliveries/{id}?retried=1")).into_response()
+        }
+        Ok(_) => (
+            StatusCode::CONFLICT,
+            format!("delivery {id} is not finished, or does not exist\n"),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}
+
+async fn health(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let Some(session) = signed_in(&state, &headers) else {
+        return sign_in_first(&state);
+    };
+    let plan = state.plan.load();
+    let q = state.store.queue_stats().await.unwrap_or_default();
+    let health = state.store.health();
+    let paused: Vec<String> = state
+        .paused
+        .lock()
+        .map(|p| p.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(d, since, n)| format!("{d}: since {} after {n} failures", crate::utc_text(since)))
+        .collect();
+    state.ui.render(
+        "health.html",
+        context! {
+            who => who(&session.access),
+            page => "health",
+            ready => health.is_ok(),
+            why => health.err(),
+            version => plan.hash.clone(),
+            commit => plan.git.as_ref().map(|g| g.commit.clone()),
+            reload_ok => state.reloader.status().ok,
+            store => state.store.location().to_string(),
+            pending => q.pending,
+            retries => q.retries,
+            orphaned => q.orphaned,
+            oldest => q.oldest.map(crate::utc_text),
+            paused,
+        },
+    )
+}
