@@ -216,38 +216,7 @@ async fn config(
     let plan = state.plan.load_full();
     let dir = state.reloader.dir().to_path_buf();
     let status = state.reloader.status();
-    let changes =
-        crate::reload::postback_changes(&plan, &*state.reloader.line_changes(&plan).await);
-    let postbacks: Vec<Value> = plan
-        .postbacks
-        .iter()
-        .map(|p| {
-            let offers: Vec<&str> = plan
-                .entries
-                .iter()
-                .filter(|e| plan.postbacks[e.postback].id == p.id)
-                .map(|e| e.offer.as_str())
-                .collect();
-            let enabled = plan
-                .entries
-                .iter()
-                .any(|e| plan.postbacks[e.postback].id == p.id && e.enabled);
-            let file = p.origin.file.strip_prefix(&dir).unwrap_or(&p.origin.file);
-            json!({
-                "id": p.id,
-                "name": p.name,
-                "file": file,
-                "line": p.origin.line,
-                "trigger": p.trigger.as_str(),
-                "statuses": p.statuses.as_ref().map(|s| s.iter().map(|s| s.as_str()).collect::<Vec<_>>()),
-                "offers": offers,
-                "enabled": enabled,
-                "kind": p.action.kind(),
-                "destination": p.action.destination(),
-                "last_change": changes.get(&p.id),
-            })
-        })
-        .collect();
+    let postbacks = postback_views(&state, &plan).await;
     Ok(Json(json!({
         "version": plan.hash,
         "git": plan.git,
@@ -255,6 +224,57 @@ async fn config(
         "reload": status,
         "postbacks": postbacks,
     })))
+}
+
+/// One postback as the config API and the web page's rules show it.
+#[derive(Debug, serde::Serialize)]
+pub struct PostbackView {
+    pub id: String,
+    pub name: Option<String>,
+    /// Relative to the config directory.
+    pub file: String,
+    pub line: u64,
+    pub trigger: &'static str,
+    pub statuses: Option<Vec<&'static str>>,
+    pub offers: Vec<String>,
+    pub enabled: bool,
+    pub kind: &'static str,
+    pub destination: String,
+    pub last_change: Option<crate::config::git::LineChange>,
+}
+
+/// Every postback of `plan` with where it is written and who last changed it.
+pub async fn postback_views(state: &AppState, plan: &crate::plan::Plan) -> Vec<PostbackView> {
+    let dir = state.reloader.dir().to_path_buf();
+    let changes = crate::reload::postback_changes(plan, &*state.reloader.line_changes(plan).await);
+    plan.postbacks
+        .iter()
+        .map(|p| {
+            let mine = |e: &&crate::plan::Entry| plan.postbacks[e.postback].id == p.id;
+            let file = p.origin.file.strip_prefix(&dir).unwrap_or(&p.origin.file);
+            PostbackView {
+                id: p.id.clone(),
+                name: p.name.clone(),
+                file: file.display().to_string(),
+                line: p.origin.line as u64,
+                trigger: p.trigger.as_str(),
+                statuses: p
+                    .statuses
+                    .as_ref()
+                    .map(|s| s.iter().map(|s| s.as_str()).collect()),
+                offers: plan
+                    .entries
+                    .iter()
+                    .filter(mine)
+                    .map(|e| e.offer.clone())
+                    .collect(),
+                enabled: plan.entries.iter().filter(mine).any(|e| e.enabled),
+                kind: p.action.kind(),
+                destination: p.action.destination().to_string(),
+                last_change: changes.get(&p.id).cloned(),
+            }
+        })
+        .collect()
 }
 
 /// What `POST /api/v1/test` takes: the seeds' "Test" button.

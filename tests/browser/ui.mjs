@@ -76,6 +76,11 @@ try {
   check((await page.textContent("h1")).includes("delivered"), "after the retry it is delivered");
   await page.screenshot({ path: `${SHOTS}/delivery-retried.png`, fullPage: true });
 
+  await page.goto(`${BASE}/ui/rules`);
+  const rules = await page.$$eval("table.rules tbody tr", (rs) => rs.map((r) => r.textContent.replace(/\s+/g, " ")));
+  check(rules.length === 2 && rules.some((r) => r.includes("aff42") && r.includes("rules.yaml:2")), `the rules page lists each postback with its file and line: ${rules}`);
+  await page.screenshot({ path: `${SHOTS}/rules.png`, fullPage: true });
+
   await page.goto(`${BASE}/ui/health`);
   check((await page.textContent("main")).includes("Ready"), "the health page says ready");
   await page.screenshot({ path: `${SHOTS}/health.png`, fullPage: true });
@@ -102,6 +107,9 @@ try {
   await apage.goto(`${BASE}/ui/deliveries?postback=aff7`);
   const forced = await apage.$$eval("table.deliveries tbody tr td:nth-child(3)", (tds) => tds.map((t) => t.textContent.trim()).filter((t) => t !== "No delivery matches."));
   check(forced.length === 0 || forced.every((p) => p === "aff42"), `another's postback in the URL shows nothing: ${forced}`);
+  await apage.goto(`${BASE}/ui/rules`);
+  const arules = await apage.$$eval("table.rules tbody tr td:first-child a", (as) => as.map((a) => a.textContent.trim()));
+  check(arules.length === 1 && arules[0] === "aff42", `the affiliate's rules page shows its own postback only: ${arules}`);
   const byId = await apage.goto(`${BASE}/ui/deliveries/${OTHER}`);
   check(byId.status() === 404, `another affiliate's delivery by id is not found (${byId.status()})`);
   await apage.goto(`${BASE}/ui/deliveries`);

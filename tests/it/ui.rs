@@ -164,7 +164,11 @@ async fn the_page_is_off_without_tokens_and_limits_wrong_ones() {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    let r = no_redirects.get(d.url("/ui/deliveries")).send().await.unwrap();
+    let r = no_redirects
+        .get(d.url("/ui/deliveries"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 303);
     assert_eq!(r.headers()["location"], "/ui/login");
     for _ in 0..5 {

@@ -1,5 +1,6 @@
 //! The web page for the logs, under `/ui`: deliveries (filtered, paged, one with its
-//! attempts and a Retry button) and health. Server-rendered with minijinja (HTML
+//! attempts and a Retry button), the rules (each postback's file, line and last change, the
+//! last reload) and health. Server-rendered with minijinja (HTML
 //! auto-escaping), templates and style embedded in the binary: no build step, no CDN.
 //!
 //! A person signs in with a token (admin or affiliate) and gets a session cookie
@@ -41,6 +42,7 @@ pub fn routes() -> Router<AppState> {
         .route("/ui/deliveries/{id}", get(delivery))
         .route("/ui/deliveries/{id}/retry", post(retry))
         .route("/ui/health", get(health))
+        .route("/ui/rules", get(rules))
 }
 
 /// The page's templates, sessions and sign-in limits; one per daemon.
@@ -66,6 +68,7 @@ impl Default for Ui {
             ("deliveries.html", include_str!("templates/deliveries.html")),
             ("delivery.html", include_str!("templates/delivery.html")),
             ("health.html", include_str!("templates/health.html")),
+            ("rules.html", include_str!("templates/rules.html")),
         ] {
             // The templates are part of the binary and tested; a broken one fails here
             // in every test run.
@@ -617,6 +620,29 @@ async fn health(State(state): State<AppState>, headers: HeaderMap) -> Response {
             orphaned => q.orphaned,
             oldest => q.oldest.map(crate::utc_text),
             paused,
+        },
+    )
+}
+
+async fn rules(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let Some(session) = signed_in(&state, &headers) else {
+        return sign_in_first(&state);
+    };
+    let plan = state.plan.load_full();
+    let mut postbacks = crate::api::postback_views(&state, &plan).await;
+    if let Access::Affiliate(a) = &session.access {
+        let own = plan.owned_by(a);
+        postbacks.retain(|p| own.contains(&p.id));
+    }
+    state.ui.render(
+        "rules.html",
+        context! {
+            who => who(&session.access),
+            page => "rules",
+            version => plan.hash.clone(),
+            commit => plan.git.as_ref().map(|g| g.commit.clone()),
+            reload => minijinja::Value::from_serialize(state.reloader.status()),
+            postbacks => minijinja::Value::from_serialize(&postbacks),
         },
     )
 }
