@@ -219,6 +219,7 @@ pub async fn start(
         limiters: Arc::default(),
         paused,
         ui: Arc::default(),
+        refusals: Arc::default(),
     });
     let limits = plan.clone();
     let limits = move || {

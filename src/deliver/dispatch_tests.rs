@@ -145,6 +145,16 @@ impl Backend for Memory {
     async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
         Ok(QueueStats::default())
     }
+    async fn refuse(&self, _: Refused) -> Result<(), StoreError> {
+        unused()
+    }
+    async fn refused(
+        &self,
+        _: Option<i64>,
+        _: usize,
+    ) -> Result<(Vec<Refused>, Option<i64>), StoreError> {
+        unused()
+    }
 }
 
 /// A dispatcher over a memory store, running; the plan's one postback goes to a blocked

@@ -93,11 +93,105 @@ fn bad(msg: impl Into<String>) -> Reject {
     Reject::new(StatusCode::BAD_REQUEST, msg)
 }
 
-/// Counts a refused webhook: its result in `events_received_total`, its reason in
-/// `webhooks_refused_total`.
-fn count_refusal(t: &crate::telemetry::Telemetry, source: &str, kind: Kind, r: &Reject) {
-    t.event(source, kind.as_str(), result_of(r));
-    t.refused(source, r.reason);
+/// The request a refusal is kept with: its method, its path and query with secrets masked,
+/// and the client's address.
+pub struct Seen {
+    method: String,
+    target: String,
+    client: Option<String>,
+}
+
+/// Parameter names whose values are never kept (secrets sent in the query).
+const SECRET_NAMES: [&str; 7] = ["secret", "token", "key", "pass", "sig", "auth", "hash"];
+
+/// How long a kept request line may be.
+const TARGET_KEPT: usize = 1024;
+
+impl Seen {
+    pub fn of(
+        method: &axum::http::Method,
+        uri: &axum::http::Uri,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Seen {
+        let mut target = uri.path().to_string();
+        if let Some(q) = uri.query() {
+            let masked = form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(form_urlencoded::parse(q.as_bytes()).map(|(k, v)| {
+                    let lower = k.to_ascii_lowercase();
+                    let secret = SECRET_NAMES.iter().any(|n| lower.contains(n));
+                    (
+                        k.into_owned(),
+                        if secret {
+                            "***".to_string()
+                        } else {
+                            v.into_owned()
+                        },
+                    )
+                }))
+                .finish();
+            target.push('?');
+            target.push_str(&masked);
+        }
+        if target.len() > TARGET_KEPT {
+            let mut end = TARGET_KEPT;
+            while !target.is_char_boundary(end) {
+                end -= 1;
+            }
+            target.truncate(end);
+            target.push('…');
+        }
+        Seen {
+            method: method.to_string(),
+            target,
+            client: peer.map(|p| p.ip().to_string()),
+        }
+    }
+}
+
+/// Refused webhooks kept for the incoming log, at most 20 a second (a burst of 100): a
+/// sender cannot fill the disk with refusals, and the store keeps the newest
+/// [`crate::store::REFUSED_KEPT`] only.
+pub struct Refusals {
+    limiter: governor::DefaultDirectRateLimiter,
+}
+
+impl Default for Refusals {
+    fn default() -> Self {
+        let quota = governor::Quota::per_second(
+            std::num::NonZeroU32::new(20).unwrap_or(std::num::NonZeroU32::MIN),
+        )
+        .allow_burst(std::num::NonZeroU32::new(100).unwrap_or(std::num::NonZeroU32::MIN));
+        Refusals {
+            limiter: governor::RateLimiter::direct(quota),
+        }
+    }
+}
+
+/// Counts a refused webhook (its result in `events_received_total`, its reason in
+/// `webhooks_refused_total`) and keeps it for the incoming log, in the background.
+fn count_refusal(state: &AppState, seen: &Seen, source: &str, kind: Kind, r: &Reject) {
+    state.telemetry.event(source, kind.as_str(), result_of(r));
+    state.telemetry.refused(source, r.reason);
+    if state.refusals.limiter.check().is_err() {
+        return;
+    }
+    let refused = crate::store::Refused {
+        id: 0,
+        at: crate::now_ms(),
+        source: source.to_string(),
+        reason: r.reason.to_string(),
+        status: r.code.as_u16(),
+        message: r.body["error"].as_str().unwrap_or_default().to_string(),
+        method: seen.method.clone(),
+        target: seen.target.clone(),
+        client: seen.client.clone(),
+    };
+    let store = state.store.clone();
+    tokio::spawn(async move {
+        if let Err(e) = store.refuse(refused).await {
+            tracing::debug!(error = %e, "a refused webhook was not kept");
+        }
+    });
 }
 
 fn resolve_source(plan: &Plan, name: Option<&str>) -> Result<Source, Reject> {
@@ -346,17 +440,21 @@ fn admit_sender(
 }
 
 /// `GET|POST /postback` and `/postback/{source}`: tracker-style incoming postbacks.
+#[allow(clippy::too_many_arguments)]
 pub async fn postback(
     State(state): State<AppState>,
     source: Option<Path<String>>,
     RawQuery(query): RawQuery,
     peer: Option<axum::Extension<guard::Peer>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<Value>, Reject> {
     let plan = state.plan.load_full();
+    let seen = Seen::of(&method, &uri, peer.as_ref().map(|p| p.0 .0));
     let source = resolve_source(&plan, source.as_ref().map(|p| p.0.as_str())).inspect_err(|r| {
-        count_refusal(&state.telemetry, "unknown", Kind::Conversion, r);
+        count_refusal(&state, &seen, "unknown", Kind::Conversion, r);
     })?;
     let mut params = BTreeMap::new();
     query_params(query.as_deref(), &mut params);
@@ -377,8 +475,7 @@ pub async fn postback(
             )
             .map_err(|e| bad(e.to_string()))
         });
-    let event =
-        parsed.inspect_err(|r| count_refusal(&state.telemetry, &source.id, source.kind, r))?;
+    let event = parsed.inspect_err(|r| count_refusal(&state, &seen, &source.id, source.kind, r))?;
     let mut out = accept(state, plan, vec![event]).await?;
     Ok(Json(out.pop().unwrap_or_default()))
 }
@@ -390,18 +487,21 @@ pub async fn events(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
     peer: Option<axum::Extension<guard::Peer>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<Value>, Reject> {
     let plan = state.plan.load_full();
+    let seen = Seen::of(&method, &uri, peer.as_ref().map(|p| p.0 .0));
     let mut q = BTreeMap::new();
     query_params(query.as_deref(), &mut q);
     let source = resolve_source(&plan, q.get("source").map(String::as_str)).inspect_err(|r| {
-        count_refusal(&state.telemetry, "unknown", Kind::Conversion, r);
+        count_refusal(&state, &seen, "unknown", Kind::Conversion, r);
     })?;
     q.remove("source");
     let refuse = |r: Reject| {
-        count_refusal(&state.telemetry, &source.id, source.kind, &r);
+        count_refusal(&state, &seen, &source.id, source.kind, &r);
         r
     };
     // The secret (in a header, the query or each event) is checked per event below, as

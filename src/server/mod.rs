@@ -32,6 +32,8 @@ pub struct AppState {
     pub paused: crate::deliver::Paused,
     /// The web page's templates and sessions.
     pub ui: Arc<ui::Ui>,
+    /// Refused webhooks kept for the incoming log, bounded in rate.
+    pub refusals: Arc<crate::ingest::Refusals>,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -32,7 +32,7 @@ pub mod sqlite;
 pub(crate) use model::{page, take, Candidate, FinishRow};
 pub use model::{
     Accepted, Attempt, AttemptRow, Claim, ClaimSpec, Claimed, DeliveryQuery, DeliveryRow,
-    EventQuery, EventRow, Lane, Next, QueueStats, RetryFilter, State,
+    EventQuery, EventRow, Lane, Next, QueueStats, Refused, RetryFilter, State, REFUSED_KEPT,
 };
 
 use crate::ingest::event::Event;
@@ -156,6 +156,14 @@ pub trait Backend: Send + Sync + 'static {
         postbacks: Option<Vec<String>>,
     ) -> Result<Option<DeliveryRow>, StoreError>;
     async fn queue_stats(&self) -> Result<QueueStats, StoreError>;
+    /// Keeps a refused webhook for the incoming log (not synced on its own).
+    async fn refuse(&self, r: Refused) -> Result<(), StoreError>;
+    /// A page of refused webhooks, newest first, and the next page's cursor.
+    async fn refused(
+        &self,
+        before_id: Option<i64>,
+        limit: usize,
+    ) -> Result<(Vec<Refused>, Option<i64>), StoreError>;
     /// How many live instances share this store (1 for an embedded one).
     fn instances(&self) -> usize {
         1
@@ -386,6 +394,20 @@ impl Store {
     /// Unfinished deliveries: how many, how old the oldest is, and why they wait.
     pub async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
         self.backend.queue_stats().await
+    }
+
+    /// Keeps a refused webhook for the incoming log.
+    pub async fn refuse(&self, r: Refused) -> Result<(), StoreError> {
+        self.backend.refuse(r).await
+    }
+
+    /// A page of refused webhooks, newest first, and the next page's cursor.
+    pub async fn refused(
+        &self,
+        before_id: Option<i64>,
+        limit: usize,
+    ) -> Result<(Vec<Refused>, Option<i64>), StoreError> {
+        self.backend.refused(before_id, limit).await
     }
 
     /// How many live instances share the store (1 for the embedded one).

@@ -423,6 +423,28 @@ pub struct EventQuery {
     pub limit: usize,
 }
 
+/// A webhook that was refused, as the incoming log keeps it: when, from which source, why
+/// (the reason label and the message the sender got), and the request line with secrets
+/// masked.
+#[derive(Debug, Clone, Serialize)]
+pub struct Refused {
+    /// Its row id (0 until stored).
+    pub id: i64,
+    pub at: i64,
+    pub source: String,
+    pub reason: String,
+    pub status: u16,
+    pub message: String,
+    pub method: String,
+    /// The path and query, secrets masked, at most 1 KiB.
+    pub target: String,
+    pub client: Option<String>,
+}
+
+/// How many refused webhooks the store keeps at most: they are bounded in rate where they
+/// are recorded, and in number here, so nobody can fill the disk with them.
+pub const REFUSED_KEPT: i64 = 10_000;
+
 /// A page's rows and the cursor of the next page, from `limit + 1` rows read.
 pub(crate) fn page<T>(
     mut rows: Vec<T>,

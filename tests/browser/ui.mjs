@@ -76,9 +76,18 @@ try {
   check((await page.textContent("h1")).includes("delivered"), "after the retry it is delivered");
   await page.screenshot({ path: `${SHOTS}/delivery-retried.png`, fullPage: true });
 
+  await page.goto(`${BASE}/ui/incoming`);
+  const refused = await page.$$eval("table.refused tbody tr", (rs) => rs.map((r) => r.textContent.replace(/\s+/g, " ")));
+  check(refused.some((r) => r.includes("bad_secret") && r.includes("keitaro") && r.includes("token=***")), `a wrong secret is on the incoming page with its reason, the secret masked: ${refused}`);
+  check(refused.some((r) => r.includes("unknown_source") && r.includes("nosuchsource")), `an unknown source is on the incoming page: ${refused}`);
+  check(!refused.some((r) => r.includes("not-the-secret")), "the refused secret itself is never shown");
+  const received = await page.$$eval("table.events tbody tr", (rs) => rs.map((r) => r.textContent.replace(/\s+/g, " ")));
+  check(received.some((r) => r.includes("T1") && r.includes("aff42")), `a received event shows what it matched: ${received.slice(0, 2)}`);
+  await page.screenshot({ path: `${SHOTS}/incoming.png`, fullPage: true });
+
   await page.goto(`${BASE}/ui/rules`);
   const rules = await page.$$eval("table.rules tbody tr", (rs) => rs.map((r) => r.textContent.replace(/\s+/g, " ")));
-  check(rules.length === 2 && rules.some((r) => r.includes("aff42") && r.includes("rules.yaml:2")), `the rules page lists each postback with its file and line: ${rules}`);
+  check(rules.length === 2 && rules.some((r) => r.includes("aff42") && r.includes("rules.yaml:5")), `the rules page lists each postback with its file and line: ${rules}`);
   await page.screenshot({ path: `${SHOTS}/rules.png`, fullPage: true });
 
   await page.goto(`${BASE}/ui/health`);
@@ -107,6 +116,10 @@ try {
   await apage.goto(`${BASE}/ui/deliveries?postback=aff7`);
   const forced = await apage.$$eval("table.deliveries tbody tr td:nth-child(3)", (tds) => tds.map((t) => t.textContent.trim()).filter((t) => t !== "No delivery matches."));
   check(forced.length === 0 || forced.every((p) => p === "aff42"), `another's postback in the URL shows nothing: ${forced}`);
+  await apage.goto(`${BASE}/ui/incoming`);
+  check((await apage.$("table.refused")) === null, "an affiliate does not see refused webhooks");
+  const aevents = await apage.$$eval("table.events tbody tr td:nth-child(7)", (tds) => tds.map((t) => t.textContent.trim()));
+  check(aevents.length === 3 && aevents.every((a) => a === "42"), `the affiliate's incoming page shows its own events: ${aevents}`);
   await apage.goto(`${BASE}/ui/rules`);
   const arules = await apage.$$eval("table.rules tbody tr td:first-child a", (as) => as.map((a) => a.textContent.trim()));
   check(arules.length === 1 && arules[0] === "aff42", `the affiliate's rules page shows its own postback only: ${arules}`);

@@ -439,7 +439,45 @@ async fn an_orphan_is_woken_when_its_postback_returns(b: Backend) {
     assert_eq!(got.iter().map(|c| c.id).collect::<Vec<_>>(), vec![id]);
 }
 
+/// Refused webhooks are kept newest first, paged, and pruned with the rest.
+async fn refused_webhooks_are_kept_paged_and_pruned(b: Backend) {
+    let place = Place::new(b, Duration::from_secs(30));
+    let store = place.open().await;
+    for i in 0..3 {
+        store
+            .refuse(postbackd::store::Refused {
+                id: 0,
+                at: postbackd::now_ms(),
+                source: "keitaro".into(),
+                reason: "bad_secret".into(),
+                status: 401,
+                message: format!("wrong secret {i}"),
+                method: "GET".into(),
+                target: "/postback/keitaro?token=***".into(),
+                client: Some("10.0.0.1".into()),
+            })
+            .await
+            .unwrap();
+    }
+    let (first, next) = store.refused(None, 2).await.unwrap();
+    assert_eq!(
+        first.iter().map(|r| r.message.as_str()).collect::<Vec<_>>(),
+        ["wrong secret 2", "wrong secret 1"]
+    );
+    let (rest, none) = store.refused(next, 2).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert!(none.is_none());
+    while store
+        .prune(postbackd::now_ms() + 10_000, 100)
+        .await
+        .unwrap()
+        > 0
+    {}
+    assert!(store.refused(None, 10).await.unwrap().0.is_empty());
+}
+
 on_both!(
+    refused_webhooks_are_kept_paged_and_pruned,
     a_status_makes_one_delivery_whoever_receives_the_repeats,
     an_update_merges_into_the_conversion_whoever_receives_it,
     a_conversions_deliveries_go_one_at_a_time_in_order,

@@ -32,7 +32,10 @@ async fn the_web_page_in_a_real_browser() {
         cfg.path(),
         "api:\n  admin_tokens: [\"${env:ADMIN}\"]\n  affiliate_tokens:\n    \"42\": \"${env:AFF42}\"\n    \"7\": \"${env:AFF7}\"\n",
         &format!(
-            "postbacks:
+            "sources:
+  - id: keitaro
+    secret: ${{env:KSECRET}}
+postbacks:
   - id: aff42
     affiliate: 42
     trigger: conversion
@@ -49,8 +52,26 @@ async fn the_web_page_in_a_real_browser() {
     let d = Daemon::start_with(
         cfg.path(),
         data.path(),
-        &[("ADMIN", ADMIN), ("AFF42", AFF42), ("AFF7", AFF7)],
+        &[
+            ("ADMIN", ADMIN),
+            ("AFF42", AFF42),
+            ("AFF7", AFF7),
+            ("KSECRET", "the-keitaro-secret"),
+        ],
     );
+    // Two refused webhooks for the incoming page: a wrong secret, an unknown source.
+    let r = client()
+        .get(d.url("/postback/keitaro?clickid=k1&status=approved&token=not-the-secret"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client()
+        .get(d.url("/postback/nosuchsource?clickid=k2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
     let events = json!([
         {"tid": "T1", "clickid": "c1", "offer_id": 1, "affiliate_id": 42, "status": "approved"},
         {"tid": "T2", "clickid": "c2", "offer_id": 1, "affiliate_id": 42, "status": "approved"},

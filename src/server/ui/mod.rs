@@ -1,5 +1,6 @@
 //! The web page for the logs, under `/ui`: deliveries (filtered, paged, one with its
-//! attempts and a Retry button), the rules (each postback's file, line and last change, the
+//! attempts and a Retry button), incoming webhooks (received, with what each matched, and
+//! refused, with the reason), the rules (each postback's file, line and last change, the
 //! last reload) and health. Server-rendered with minijinja (HTML
 //! auto-escaping), templates and style embedded in the binary: no build step, no CDN.
 //!
@@ -43,6 +44,7 @@ pub fn routes() -> Router<AppState> {
         .route("/ui/deliveries/{id}/retry", post(retry))
         .route("/ui/health", get(health))
         .route("/ui/rules", get(rules))
+        .route("/ui/incoming", get(incoming))
 }
 
 /// The page's templates, sessions and sign-in limits; one per daemon.
@@ -69,6 +71,7 @@ impl Default for Ui {
             ("delivery.html", include_str!("templates/delivery.html")),
             ("health.html", include_str!("templates/health.html")),
             ("rules.html", include_str!("templates/rules.html")),
+            ("incoming.html", include_str!("templates/incoming.html")),
         ] {
             // The templates are part of the binary and tested; a broken one fails here
             // in every test run.
@@ -643,6 +646,170 @@ async fn rules(State(state): State<AppState>, headers: HeaderMap) -> Response {
             commit => plan.git.as_ref().map(|g| g.commit.clone()),
             reload => minijinja::Value::from_serialize(state.reloader.status()),
             postbacks => minijinja::Value::from_serialize(&postbacks),
+        },
+    )
+}
+
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
+struct IncomingFilters {
+    source: Option<String>,
+    q: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    before: Option<i64>,
+    refused_before: Option<i64>,
+}
+
+/// An event as the incoming page shows it.
+#[derive(serde::Serialize)]
+struct EventView {
+    when: String,
+    source: String,
+    kind: String,
+    transaction_id: Option<String>,
+    clickid: Option<String>,
+    offer_id: Option<String>,
+    affiliate_id: Option<String>,
+    status: Option<String>,
+    matched: Vec<String>,
+}
+
+/// A refused webhook as the incoming page shows it.
+#[derive(serde::Serialize)]
+struct RefusedView<'a> {
+    #[serde(flatten)]
+    r: &'a crate::store::Refused,
+    when: String,
+}
+
+async fn incoming(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(f): Query<IncomingFilters>,
+) -> Response {
+    let Some(session) = signed_in(&state, &headers) else {
+        return sign_in_first(&state);
+    };
+    let admin = session.access == Access::Admin;
+    let mut error = None;
+    let (since, until) = match (instant("since", &f.since), instant("until", &f.until)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            error = Some(e);
+            (None, None)
+        }
+    };
+    let q = set(&f.q);
+    let query = crate::store::EventQuery {
+        source: if admin { set(&f.source) } else { None },
+        // An affiliate sees the events of its own conversions.
+        affiliate: match &session.access {
+            Access::Affiliate(a) => Some(a.clone()),
+            Access::Admin => None,
+        },
+        transaction_id: q.clone(),
+        since,
+        until,
+        before_rowid: f.before,
+        limit: 50,
+        ..crate::store::EventQuery::default()
+    };
+    let mut result = state.store.events(query.clone()).await;
+    if let (Some(q), Ok((rows, _))) = (&q, &result) {
+        if rows.is_empty() {
+            result = state
+                .store
+                .events(crate::store::EventQuery {
+                    transaction_id: None,
+                    clickid: Some(q.clone()),
+                    ..query
+                })
+                .await;
+        }
+    }
+    let (events, events_next) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            error = Some(e.to_string());
+            (Vec::new(), None)
+        }
+    };
+    let events: Vec<EventView> = events
+        .into_iter()
+        .map(|e| EventView {
+            when: crate::utc_text(e.received_at),
+            status: e
+                .event
+                .get("fields")
+                .and_then(|f| f.get("status"))
+                .and_then(|s| s.as_str())
+                .map(str::to_string),
+            matched: e
+                .matched
+                .as_array()
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            source: e.source,
+            kind: e.kind,
+            transaction_id: e.transaction_id,
+            clickid: e.clickid,
+            offer_id: e.offer_id,
+            affiliate_id: e.affiliate_id,
+        })
+        .collect();
+    let (refused, refused_next) = if admin {
+        state
+            .store
+            .refused(f.refused_before, 50)
+            .await
+            .unwrap_or_default()
+    } else {
+        (Vec::new(), None)
+    };
+    let refused: Vec<minijinja::Value> = refused
+        .iter()
+        .map(|r| {
+            minijinja::Value::from_serialize(RefusedView {
+                r,
+                when: crate::utc_text(r.at),
+            })
+        })
+        .collect();
+    let link = |key: &str, before: i64| {
+        let mut params: Vec<(String, String)> = Vec::new();
+        for (k, v) in [
+            ("source", &f.source),
+            ("q", &f.q),
+            ("since", &f.since),
+            ("until", &f.until),
+        ] {
+            if let Some(v) = set(v) {
+                params.push((k.into(), v));
+            }
+        }
+        params.push((key.into(), before.to_string()));
+        let qs = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(params)
+            .finish();
+        format!("/ui/incoming?{qs}")
+    };
+    state.ui.render(
+        "incoming.html",
+        context! {
+            who => who(&session.access),
+            page => "incoming",
+            admin,
+            f => minijinja::Value::from_serialize(&f),
+            events => minijinja::Value::from_serialize(&events),
+            events_next => events_next.map(|b| link("before", b)),
+            refused,
+            refused_next => refused_next.map(|b| link("refused_before", b)),
+            error,
+            refresh => (f.before.is_none() && f.refused_before.is_none()).then_some(REFRESH_S),
         },
     )
 }

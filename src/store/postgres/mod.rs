@@ -448,6 +448,18 @@ impl Backend for Postgres {
         read::delivery(&self.shared, id, postbacks).await
     }
 
+    async fn refuse(&self, r: super::Refused) -> Result<(), StoreError> {
+        read::refuse(&self.shared, r).await
+    }
+
+    async fn refused(
+        &self,
+        before_id: Option<i64>,
+        limit: usize,
+    ) -> Result<(Vec<super::Refused>, Option<i64>), StoreError> {
+        read::refused(&self.shared, before_id, limit).await
+    }
+
     async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
         read::queue_stats(&self.shared).await
     }

@@ -238,7 +238,74 @@ pub(super) async fn prune(shared: &Shared, before: i64, limit: usize) -> Result<
         .await
         .map_err(|e| store_err(shared, e))?;
     let (events, conversions): (i64, i64) = (row.get(0), row.get(1));
-    Ok(deliveries.max(events as usize).max(conversions as usize))
+    // Refused webhooks: past retention, and beyond the newest REFUSED_KEPT.
+    let refused = client
+        .execute(
+            "DELETE FROM refused WHERE id IN
+               (SELECT id FROM refused WHERE at < $1
+                   OR id <= (SELECT id FROM refused ORDER BY id DESC LIMIT 1 OFFSET $3)
+                LIMIT $2)",
+            &[&before, &limit, &crate::store::REFUSED_KEPT],
+        )
+        .await
+        .map_err(|e| store_err(shared, e))?;
+    Ok(deliveries
+        .max(events as usize)
+        .max(conversions as usize)
+        .max(refused as usize))
+}
+
+pub(super) async fn refuse(shared: &Shared, r: crate::store::Refused) -> Result<(), StoreError> {
+    let client = shared.client().await?;
+    client
+        .execute(
+            "INSERT INTO refused (at, source, reason, status, message, method, target, client)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &r.at,
+                &r.source,
+                &r.reason,
+                &i64::from(r.status),
+                &r.message,
+                &r.method,
+                &r.target,
+                &r.client,
+            ],
+        )
+        .await
+        .map_err(|e| store_err(shared, e))?;
+    Ok(())
+}
+
+pub(super) async fn refused(
+    shared: &Shared,
+    before_id: Option<i64>,
+    limit: usize,
+) -> Result<(Vec<crate::store::Refused>, Option<i64>), StoreError> {
+    let limit = limit.clamp(1, 1000);
+    let client = shared.client().await?;
+    let rows = client
+        .query(
+            "SELECT id, at, source, reason, status, message, method, target, client
+             FROM refused WHERE ($1::bigint IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+            &[&before_id, &((limit + 1) as i64)],
+        )
+        .await
+        .map_err(|e| store_err(shared, e))?
+        .iter()
+        .map(|r| crate::store::Refused {
+            id: r.get(0),
+            at: r.get(1),
+            source: r.get(2),
+            reason: r.get(3),
+            status: r.get::<_, i64>(4) as u16,
+            message: r.get(5),
+            method: r.get(6),
+            target: r.get(7),
+            client: r.get(8),
+        })
+        .collect();
+    Ok(page(rows, limit, |r| r.id))
 }
 
 pub(super) async fn revive(

@@ -115,8 +115,25 @@ ALTER TABLE conversions SET (fillfactor = 70);
 ALTER TABLE deliveries SET (fillfactor = 80);
 ";
 
+/// Refused webhooks, for the incoming log: bounded in rate where they are recorded and in
+/// number by pruning.
+const V3: &str = "
+CREATE TABLE refused (
+    id BIGSERIAL PRIMARY KEY,
+    at BIGINT NOT NULL,
+    source TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    status BIGINT NOT NULL,
+    message TEXT NOT NULL,
+    method TEXT NOT NULL,
+    target TEXT NOT NULL,
+    client TEXT
+);
+CREATE INDEX refused_at ON refused (at);
+";
+
 /// The migrations in order: a database at version N has run the first N.
-const MIGRATIONS: [&str; 2] = [V1, V2];
+const MIGRATIONS: [&str; 3] = [V1, V2, V3];
 
 /// Any number; instances that start together take it in turn.
 const MIGRATION_LOCK: i64 = 0x706f_7374_6264;

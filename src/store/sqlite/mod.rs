@@ -217,6 +217,18 @@ impl Backend for Sqlite {
             .await
     }
 
+    async fn refuse(&self, r: super::Refused) -> Result<(), StoreError> {
+        self.call(false, move |c| ops::refuse(c, &r)).await
+    }
+
+    async fn refused(
+        &self,
+        before_id: Option<i64>,
+        limit: usize,
+    ) -> Result<(Vec<super::Refused>, Option<i64>), StoreError> {
+        self.read(move |c| read::refused(c, before_id, limit)).await
+    }
+
     async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
         self.read(|c| {
             c.prepare_cached(QUEUE_STATS)?.query_row([], |r| {

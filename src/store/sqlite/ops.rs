@@ -292,7 +292,28 @@ pub(super) fn prune(c: &Connection, before: i64, limit: usize) -> rusqlite::Resu
                 LIMIT ?2)",
         )?
         .execute(params![before, limit as i64])?;
-    Ok(ids.len().max(events).max(conversions))
+    // Refused webhooks: past retention, and beyond the newest REFUSED_KEPT.
+    let refused = c
+        .prepare_cached(
+            "DELETE FROM refused WHERE id IN
+               (SELECT id FROM refused WHERE at < ?1
+                   OR id <= (SELECT id FROM refused ORDER BY id DESC LIMIT 1 OFFSET ?3)
+                LIMIT ?2)",
+        )?
+        .execute(params![before, limit as i64, crate::store::REFUSED_KEPT])?;
+    Ok(ids.len().max(events).max(conversions).max(refused))
+}
+
+/// Keeps a refused webhook.
+pub(super) fn refuse(c: &Connection, r: &crate::store::Refused) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "INSERT INTO refused (at, source, reason, status, message, method, target, client)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        r.at, r.source, r.reason, r.status, r.message, r.method, r.target, r.client
+    ])?;
+    Ok(())
 }
 
 /// Puts matching finished deliveries back in the queue, due now. Returns their ids.

@@ -145,6 +145,35 @@ pub(super) fn deliveries(
     Ok(page(rows, limit, |r| r.id))
 }
 
+/// A page of refused webhooks, newest first, and the next page's cursor.
+pub(super) fn refused(
+    c: &Connection,
+    before_id: Option<i64>,
+    limit: usize,
+) -> rusqlite::Result<(Vec<crate::store::Refused>, Option<i64>)> {
+    let limit = limit.clamp(1, 1000);
+    let rows = c
+        .prepare_cached(
+            "SELECT id, at, source, reason, status, message, method, target, client
+             FROM refused WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2",
+        )?
+        .query_map(params![before_id, (limit + 1) as i64], |r| {
+            Ok(crate::store::Refused {
+                id: r.get(0)?,
+                at: r.get(1)?,
+                source: r.get(2)?,
+                reason: r.get(3)?,
+                status: r.get(4)?,
+                message: r.get(5)?,
+                method: r.get(6)?,
+                target: r.get(7)?,
+                client: r.get(8)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(page(rows, limit, |r| r.id))
+}
+
 /// A page of received events, newest first, and the next page's cursor.
 pub(super) fn events(
     c: &Connection,

@@ -159,8 +159,25 @@ const V9: &str = "
 ALTER TABLE attempts ADD COLUMN config_commit TEXT;
 ";
 
+/// Refused webhooks, for the incoming log: bounded in rate where they are recorded and in
+/// number by pruning.
+const V10: &str = "
+CREATE TABLE IF NOT EXISTS refused (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    message TEXT NOT NULL,
+    method TEXT NOT NULL,
+    target TEXT NOT NULL,
+    client TEXT
+);
+CREATE INDEX IF NOT EXISTS refused_at ON refused(at);
+";
+
 /// The migrations in order: the store at version N has run the first N.
-const MIGRATIONS: [&str; 9] = [V1, V2, V3, V4, V5, V6, V7, V8, V9];
+const MIGRATIONS: [&str; 10] = [V1, V2, V3, V4, V5, V6, V7, V8, V9, V10];
 
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
