@@ -256,7 +256,7 @@ pub async fn postback_views(state: &AppState, plan: &crate::plan::Plan) -> Vec<P
                 id: p.id.clone(),
                 name: p.name.clone(),
                 file: file.display().to_string(),
-                line: p.origin.line as u64,
+                line: p.origin.line,
                 trigger: p.trigger.as_str(),
                 statuses: p
                     .statuses
