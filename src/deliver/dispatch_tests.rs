@@ -145,6 +145,9 @@ impl Backend for Memory {
     async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
         Ok(QueueStats::default())
     }
+    async fn made_since(&self, _: i64) -> Result<Vec<(String, State, i64)>, StoreError> {
+        unused()
+    }
     async fn refuse(&self, _: Refused) -> Result<(), StoreError> {
         unused()
     }

@@ -156,6 +156,10 @@ pub trait Backend: Send + Sync + 'static {
         postbacks: Option<Vec<String>>,
     ) -> Result<Option<DeliveryRow>, StoreError>;
     async fn queue_stats(&self) -> Result<QueueStats, StoreError>;
+    /// How many deliveries each postback made since `since` (unix ms), by state. Deliveries'
+    /// ids grow with time, so the first one since then is found by a binary search over
+    /// ids (primary-key lookups) and only the rows after it are counted.
+    async fn made_since(&self, since: i64) -> Result<Vec<(String, State, i64)>, StoreError>;
     /// Keeps a refused webhook for the incoming log (not synced on its own).
     async fn refuse(&self, r: Refused) -> Result<(), StoreError>;
     /// A page of refused webhooks, newest first, and the next page's cursor.
@@ -394,6 +398,11 @@ impl Store {
     /// Unfinished deliveries: how many, how old the oldest is, and why they wait.
     pub async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
         self.backend.queue_stats().await
+    }
+
+    /// How many deliveries each postback made since `since` (unix ms), by state.
+    pub async fn made_since(&self, since: i64) -> Result<Vec<(String, State, i64)>, StoreError> {
+        self.backend.made_since(since).await
     }
 
     /// Keeps a refused webhook for the incoming log.

@@ -63,6 +63,8 @@ try {
   check((await page.textContent("h1")).includes("dead"), "the dead delivery says it is dead");
   const before = await page.$$eval("section.attempt", (s) => s.length);
   check((await page.textContent("body")).includes("400"), "the attempt shows the answer's status");
+  const history = await page.$$eval("table.history tbody tr", (rs) => rs.map((r) => r.textContent.replace(/\s+/g, " ")));
+  check(history.length === 1 && history[0].includes("approved") && history[0].includes("aff42"), `the delivery shows its conversion's history: ${history}`);
   await page.screenshot({ path: `${SHOTS}/delivery-dead.png`, fullPage: true });
   await page.click("form.retry button");
   await page.waitForSelector("p.notice");
@@ -88,6 +90,8 @@ try {
   await page.goto(`${BASE}/ui/rules`);
   const rules = await page.$$eval("table.rules tbody tr", (rs) => rs.map((r) => r.textContent.replace(/\s+/g, " ")));
   check(rules.length === 2 && rules.some((r) => r.includes("aff42") && r.includes("rules.yaml:5")), `the rules page lists each postback with its file and line: ${rules}`);
+  const day = await page.$$eval("table.rules tbody tr td.day small", (ts) => ts.map((t) => t.textContent.trim()));
+  check(day.some((d) => d.startsWith("3: 3 delivered")), `each postback's last 24 hours by outcome: ${day}`);
   await page.screenshot({ path: `${SHOTS}/rules.png`, fullPage: true });
 
   await page.goto(`${BASE}/ui/health`);

@@ -380,6 +380,15 @@ async fn the_log_retries_by_hand_and_pruning(b: Backend) {
     assert!(!events.is_empty());
     let stats = store.queue_stats().await.unwrap();
     assert_eq!(stats.pending, 1);
+    // What each postback made since a time, by state (the pruned one is gone): none made
+    // in the future.
+    let made = store.made_since(0).await.unwrap();
+    assert_eq!(made, vec![("later".to_string(), State::Pending, 1)]);
+    assert!(store
+        .made_since(postbackd::now_ms() + 60_000)
+        .await
+        .unwrap()
+        .is_empty());
     // Once nothing of the conversion is pending, pruning takes it too: the same status is a
     // new conversion after the retention period.
     store

@@ -289,6 +289,8 @@ struct Filters {
     status: Option<String>,
     state: Option<String>,
     outcome: Option<String>,
+    /// A destination host (as the postbacks' URLs write it).
+    destination: Option<String>,
     /// A transaction or click id.
     q: Option<String>,
     since: Option<String>,
@@ -362,12 +364,25 @@ async fn deliveries(
         }
     };
     // An affiliate's scope comes first: a postback filter outside it leaves nothing.
-    let scope = match (&visible, set(&f.postback)) {
+    let mut scope: Option<Vec<String>> = match (&visible, set(&f.postback)) {
         (Some(v), Some(p)) => Some(v.iter().filter(|x| **x == p).cloned().collect()),
         (Some(v), None) => Some(v.clone()),
         (None, Some(p)) => Some(vec![p]),
         (None, None) => None,
     };
+    // A destination is the postbacks that send there.
+    if let Some(dest) = set(&f.destination) {
+        let there: Vec<String> = plan
+            .postbacks
+            .iter()
+            .filter(|p| p.action.destination() == dest)
+            .map(|p| p.id.clone())
+            .collect();
+        scope = Some(match scope {
+            Some(s) => s.into_iter().filter(|p| there.contains(p)).collect(),
+            None => there,
+        });
+    }
     let state_filter = set(&f.state).and_then(|s| DeliveryState::parse(&s));
     let q = set(&f.q);
     let query = DeliveryQuery {
@@ -420,6 +435,7 @@ async fn deliveries(
             ("status", &f.status),
             ("state", &f.state),
             ("outcome", &f.outcome),
+            ("destination", &f.destination),
             ("q", &f.q),
             ("since", &f.since),
             ("until", &f.until),
@@ -441,6 +457,17 @@ async fn deliveries(
             who => who(&session.access),
             page => "deliveries",
             admin => visible.is_none(),
+            destinations => {
+                let mut d: Vec<String> = plan
+                    .postbacks
+                    .iter()
+                    .filter(|p| postbacks.contains(&p.id))
+                    .map(|p| p.action.destination().to_string())
+                    .collect();
+                d.sort();
+                d.dedup();
+                d
+            },
             postbacks,
             f => minijinja::Value::from_serialize(&f),
             rows,
@@ -529,6 +556,50 @@ async fn delivery(
         d.state,
         DeliveryState::Dead | DeliveryState::Delivered | DeliveryState::Cancelled
     );
+    // The conversion's history: its events (what each said and matched) and its other
+    // deliveries, found by its transaction id (else its click id), in the caller's scope.
+    let (by_tx, by_click) = match (&d.transaction_id, &d.clickid) {
+        (Some(t), _) => (Some(t.clone()), None),
+        (None, Some(c)) => (None, Some(c.clone())),
+        (None, None) => (None, None),
+    };
+    let mut history_events: Vec<EventView> = Vec::new();
+    let mut history_deliveries: Vec<minijinja::Value> = Vec::new();
+    if by_tx.is_some() || by_click.is_some() {
+        let affiliate = match &session.access {
+            Access::Affiliate(a) => Some(a.clone()),
+            Access::Admin => None,
+        };
+        if let Ok((events, _)) = state
+            .store
+            .events(crate::store::EventQuery {
+                transaction_id: by_tx.clone(),
+                clickid: by_click.clone(),
+                affiliate,
+                limit: 50,
+                ..crate::store::EventQuery::default()
+            })
+            .await
+        {
+            history_events = events.into_iter().map(event_view).collect();
+        }
+        if let Ok((rows, _)) = state
+            .store
+            .deliveries(DeliveryQuery {
+                transaction_id: by_tx,
+                clickid: by_click,
+                postbacks: match &session.access {
+                    Access::Affiliate(a) => Some(plan.owned_by(a)),
+                    Access::Admin => None,
+                },
+                limit: 50,
+                ..DeliveryQuery::default()
+            })
+            .await
+        {
+            history_deliveries = rows.iter().filter(|r| r.id != d.id).map(row).collect();
+        }
+    }
     state.ui.render(
         "delivery.html",
         context! {
@@ -539,6 +610,8 @@ async fn delivery(
             can_retry => finished && session.access == Access::Admin,
             csrf => session.csrf.clone(),
             notice => n.retried.map(|_| "Queued again: the new attempt shows here once it is made."),
+            history_events => minijinja::Value::from_serialize(&history_events),
+            history_deliveries,
             attempts,
             d => minijinja::Value::from_serialize(&d),
         },
@@ -637,9 +710,27 @@ async fn rules(State(state): State<AppState>, headers: HeaderMap) -> Response {
         let own = plan.owned_by(a);
         postbacks.retain(|p| own.contains(&p.id));
     }
+    // Each postback's deliveries of the last 24 hours, by state, for its bar.
+    let mut day: HashMap<String, Day> = HashMap::new();
+    let made = state
+        .store
+        .made_since(crate::now_ms() - 24 * 3600 * 1000)
+        .await
+        .unwrap_or_default();
+    for (postback, st, n) in made {
+        let d = day.entry(postback).or_default();
+        match st {
+            DeliveryState::Delivered => d.delivered += n,
+            DeliveryState::Dead => d.dead += n,
+            DeliveryState::Cancelled => d.cancelled += n,
+            DeliveryState::Pending | DeliveryState::Inflight => d.pending += n,
+        }
+        d.total += n;
+    }
     state.ui.render(
         "rules.html",
         context! {
+            day => minijinja::Value::from_serialize(&day),
             who => who(&session.access),
             page => "rules",
             version => plan.hash.clone(),
@@ -648,6 +739,16 @@ async fn rules(State(state): State<AppState>, headers: HeaderMap) -> Response {
             postbacks => minijinja::Value::from_serialize(&postbacks),
         },
     )
+}
+
+/// One postback's deliveries of the last 24 hours.
+#[derive(Debug, Default, serde::Serialize)]
+struct Day {
+    total: i64,
+    delivered: i64,
+    dead: i64,
+    pending: i64,
+    cancelled: i64,
 }
 
 #[derive(Debug, Default, Deserialize, serde::Serialize)]
@@ -672,6 +773,33 @@ struct EventView {
     affiliate_id: Option<String>,
     status: Option<String>,
     matched: Vec<String>,
+}
+
+fn event_view(e: crate::store::EventRow) -> EventView {
+    EventView {
+        when: crate::utc_text(e.received_at),
+        status: e
+            .event
+            .get("fields")
+            .and_then(|f| f.get("status"))
+            .and_then(|s| s.as_str())
+            .map(str::to_string),
+        matched: e
+            .matched
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        source: e.source,
+        kind: e.kind,
+        transaction_id: e.transaction_id,
+        clickid: e.clickid,
+        offer_id: e.offer_id,
+        affiliate_id: e.affiliate_id,
+    }
 }
 
 /// A refused webhook as the incoming page shows it.
@@ -734,33 +862,7 @@ async fn incoming(
             (Vec::new(), None)
         }
     };
-    let events: Vec<EventView> = events
-        .into_iter()
-        .map(|e| EventView {
-            when: crate::utc_text(e.received_at),
-            status: e
-                .event
-                .get("fields")
-                .and_then(|f| f.get("status"))
-                .and_then(|s| s.as_str())
-                .map(str::to_string),
-            matched: e
-                .matched
-                .as_array()
-                .map(|m| {
-                    m.iter()
-                        .filter_map(|v| v.as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            source: e.source,
-            kind: e.kind,
-            transaction_id: e.transaction_id,
-            clickid: e.clickid,
-            offer_id: e.offer_id,
-            affiliate_id: e.affiliate_id,
-        })
-        .collect();
+    let events: Vec<EventView> = events.into_iter().map(event_view).collect();
     let (refused, refused_next) = if admin {
         state
             .store

@@ -448,6 +448,10 @@ impl Backend for Postgres {
         read::delivery(&self.shared, id, postbacks).await
     }
 
+    async fn made_since(&self, since: i64) -> Result<Vec<(String, super::State, i64)>, StoreError> {
+        read::made_since(&self.shared, since).await
+    }
+
     async fn refuse(&self, r: super::Refused) -> Result<(), StoreError> {
         read::refuse(&self.shared, r).await
     }

@@ -255,6 +255,48 @@ pub(super) async fn prune(shared: &Shared, before: i64, limit: usize) -> Result<
         .max(refused as usize))
 }
 
+/// How many deliveries each postback made since `since`, by state (see
+/// [`crate::store::Backend::made_since`]).
+pub(super) async fn made_since(
+    shared: &Shared,
+    since: i64,
+) -> Result<Vec<(String, State, i64)>, StoreError> {
+    let client = shared.client().await?;
+    let err = |e| store_err(shared, e);
+    let row = client
+        .query_one("SELECT MIN(id), MAX(id) FROM deliveries", &[])
+        .await
+        .map_err(err)?;
+    let (Some(mut lo), Some(mut hi)) = (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1))
+    else {
+        return Ok(Vec::new());
+    };
+    let probe = client
+        .prepare_cached("SELECT id, created_at FROM deliveries WHERE id >= $1 ORDER BY id LIMIT 1")
+        .await
+        .map_err(err)?;
+    hi += 1;
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let found = client.query_opt(&probe, &[&mid]).await.map_err(err)?;
+        match found.map(|r| r.get::<_, i64>(1)) {
+            Some(at) if at < since => lo = mid + 1,
+            _ => hi = mid,
+        }
+    }
+    Ok(client
+        .query(
+            "SELECT postback_id, state, COUNT(*) FROM deliveries WHERE id >= $1
+             GROUP BY postback_id, state",
+            &[&lo],
+        )
+        .await
+        .map_err(err)?
+        .iter()
+        .map(|r| (r.get(0), State::from_code(r.get(1)), r.get(2)))
+        .collect())
+}
+
 pub(super) async fn refuse(shared: &Shared, r: crate::store::Refused) -> Result<(), StoreError> {
     let client = shared.client().await?;
     client

@@ -217,6 +217,10 @@ impl Backend for Sqlite {
             .await
     }
 
+    async fn made_since(&self, since: i64) -> Result<Vec<(String, super::State, i64)>, StoreError> {
+        self.read(move |c| read::made_since(c, since)).await
+    }
+
     async fn refuse(&self, r: super::Refused) -> Result<(), StoreError> {
         self.call(false, move |c| ops::refuse(c, &r)).await
     }

@@ -145,6 +145,44 @@ pub(super) fn deliveries(
     Ok(page(rows, limit, |r| r.id))
 }
 
+/// How many deliveries each postback made since `since`, by state (see
+/// [`crate::store::Backend::made_since`]).
+pub(super) fn made_since(
+    c: &Connection,
+    since: i64,
+) -> rusqlite::Result<Vec<(String, State, i64)>> {
+    let (lo, hi): (Option<i64>, Option<i64>) =
+        c.query_row("SELECT MIN(id), MAX(id) FROM deliveries", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    let (Some(mut lo), Some(mut hi)) = (lo, hi) else {
+        return Ok(Vec::new());
+    };
+    let mut probe = c.prepare_cached(
+        "SELECT id, created_at FROM deliveries WHERE id >= ?1 ORDER BY id LIMIT 1",
+    )?;
+    // The smallest id whose delivery was made at or after `since`.
+    hi += 1;
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let found: Option<(i64, i64)> = probe
+            .query_row([mid], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        match found {
+            Some((_, at)) if at < since => lo = mid + 1,
+            _ => hi = mid,
+        }
+    }
+    c.prepare_cached(
+        "SELECT postback_id, state, COUNT(*) FROM deliveries WHERE id >= ?1
+         GROUP BY postback_id, state",
+    )?
+    .query_map([lo], |r| {
+        Ok((r.get(0)?, State::from_code(r.get(1)?), r.get(2)?))
+    })?
+    .collect()
+}
+
 /// A page of refused webhooks, newest first, and the next page's cursor.
 pub(super) fn refused(
     c: &Connection,
