@@ -314,27 +314,36 @@ fn instant(name: &str, v: &Option<String>) -> Result<Option<i64>, String> {
     }
 }
 
-/// A delivery as the page shows it: its fields and when it was made, as text.
+/// A row as a page shows it: its fields, and its time as text (`when`).
 #[derive(serde::Serialize)]
-struct RowView<'a> {
+struct Timed<'a, T> {
     #[serde(flatten)]
-    d: &'a DeliveryRow,
-    created: String,
+    item: &'a T,
+    when: String,
 }
 
-fn row(d: &DeliveryRow) -> minijinja::Value {
-    minijinja::Value::from_serialize(RowView {
-        d,
-        created: crate::utc_text(d.created_at),
+fn timed<T: serde::Serialize>(item: &T, at: i64) -> minijinja::Value {
+    minijinja::Value::from_serialize(Timed {
+        item,
+        when: crate::utc_text(at),
     })
 }
 
-/// An attempt as the page shows it.
-#[derive(serde::Serialize)]
-struct AttemptView<'a> {
-    #[serde(flatten)]
-    a: &'a crate::store::AttemptRow,
-    started: String,
+fn row(d: &DeliveryRow) -> minijinja::Value {
+    timed(d, d.created_at)
+}
+
+/// A link to the next page: the filters that are set, and the cursor.
+fn page_link(path: &str, filters: &[(&str, &Option<String>)], cursor: (&str, i64)) -> String {
+    let mut params: Vec<(String, String)> = filters
+        .iter()
+        .filter_map(|(k, v)| set(v).map(|v| (k.to_string(), v)))
+        .collect();
+    params.push((cursor.0.to_string(), cursor.1.to_string()));
+    let qs = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params)
+        .finish();
+    format!("{path}?{qs}")
 }
 
 async fn deliveries(
@@ -426,29 +435,23 @@ async fn deliveries(
         }
     };
     let next = next.map(|before| {
-        let mut params: Vec<(String, String)> = Vec::new();
-        for (k, v) in [
-            ("postback", &f.postback),
-            ("offer", &f.offer),
-            ("affiliate", &f.affiliate),
-            ("goal", &f.goal),
-            ("status", &f.status),
-            ("state", &f.state),
-            ("outcome", &f.outcome),
-            ("destination", &f.destination),
-            ("q", &f.q),
-            ("since", &f.since),
-            ("until", &f.until),
-        ] {
-            if let Some(v) = set(v) {
-                params.push((k.into(), v));
-            }
-        }
-        params.push(("before".into(), before.to_string()));
-        let qs = form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(params)
-            .finish();
-        format!("/ui/deliveries?{qs}")
+        page_link(
+            "/ui/deliveries",
+            &[
+                ("postback", &f.postback),
+                ("offer", &f.offer),
+                ("affiliate", &f.affiliate),
+                ("goal", &f.goal),
+                ("status", &f.status),
+                ("state", &f.state),
+                ("outcome", &f.outcome),
+                ("destination", &f.destination),
+                ("q", &f.q),
+                ("since", &f.since),
+                ("until", &f.until),
+            ],
+            ("before", before),
+        )
     });
     let rows: Vec<minijinja::Value> = rows.iter().map(row).collect();
     state.ui.render(
@@ -545,12 +548,7 @@ async fn delivery(
     let attempts: Vec<minijinja::Value> = d
         .attempt_log
         .iter()
-        .map(|a| {
-            minijinja::Value::from_serialize(AttemptView {
-                a,
-                started: crate::utc_text(a.recorded.started_at),
-            })
-        })
+        .map(|a| timed(a, a.recorded.started_at))
         .collect();
     let finished = matches!(
         d.state,
@@ -802,14 +800,6 @@ fn event_view(e: crate::store::EventRow) -> EventView {
     }
 }
 
-/// A refused webhook as the incoming page shows it.
-#[derive(serde::Serialize)]
-struct RefusedView<'a> {
-    #[serde(flatten)]
-    r: &'a crate::store::Refused,
-    when: String,
-}
-
 async fn incoming(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -872,32 +862,18 @@ async fn incoming(
     } else {
         (Vec::new(), None)
     };
-    let refused: Vec<minijinja::Value> = refused
-        .iter()
-        .map(|r| {
-            minijinja::Value::from_serialize(RefusedView {
-                r,
-                when: crate::utc_text(r.at),
-            })
-        })
-        .collect();
+    let refused: Vec<minijinja::Value> = refused.iter().map(|r| timed(r, r.at)).collect();
     let link = |key: &str, before: i64| {
-        let mut params: Vec<(String, String)> = Vec::new();
-        for (k, v) in [
-            ("source", &f.source),
-            ("q", &f.q),
-            ("since", &f.since),
-            ("until", &f.until),
-        ] {
-            if let Some(v) = set(v) {
-                params.push((k.into(), v));
-            }
-        }
-        params.push((key.into(), before.to_string()));
-        let qs = form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(params)
-            .finish();
-        format!("/ui/incoming?{qs}")
+        page_link(
+            "/ui/incoming",
+            &[
+                ("source", &f.source),
+                ("q", &f.q),
+                ("since", &f.since),
+                ("until", &f.until),
+            ],
+            (key, before),
+        )
     };
     state.ui.render(
         "incoming.html",
