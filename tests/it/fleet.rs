@@ -207,7 +207,7 @@ async fn three_instances_survive_sigkill_rounds() {
         "too little load: {} acked",
         load.acked.len()
     );
-    let logs = || all_logs(&daemons);
+    let logs = || format!("{killed_logs}\n---\n{}", all_logs(&daemons));
     // At most `delivery.concurrency` (64) attempts of the killed instance were in flight.
     check_arrivals(&sink, &load.acked, 3 * 64, &logs).await;
     eprintln!("fleet: refused at the kills: {:?}", load.refused);

@@ -494,3 +494,39 @@ on_both!(
     the_log_retries_by_hand_and_pruning,
     an_orphan_is_woken_when_its_postback_returns,
 );
+
+/// A claim that reads more than it may take gives back only the leases it took: a fresh
+/// delivery leased at its commit to the instance that made it (and handed to its dispatcher)
+/// stays that instance's, so no other instance attempts it at the same time. (Shared store
+/// only: the embedded one has no leases.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_claim_past_its_caps_keeps_fresh_leases() {
+    let place = Place::new(Backend::Postgres, Duration::from_secs(30));
+    let (one, two) = (place.open().await, place.open().await);
+    let plan = plan();
+    let id = one
+        .ingest(
+            conversion(&[("transaction_id", "T8"), ("status", "pending")]),
+            plan.clone(),
+        )
+        .await
+        .unwrap()
+        .deliveries[0];
+    // Reads the fresh delivery and takes nothing (limit 0): it must not give its lease back.
+    let mut full = spec(&plan, vec![]);
+    full.limit = 0;
+    let taken = one.claim(vec![full]).await.unwrap().pop().unwrap();
+    assert!(taken.claimed.is_empty() && taken.more);
+    assert!(
+        claim(&two, &plan, vec![]).await.is_empty(),
+        "another instance got a delivery leased to the one that made it"
+    );
+    assert_eq!(
+        claim(&one, &plan, vec![])
+            .await
+            .iter()
+            .map(|c| c.id)
+            .collect::<Vec<_>>(),
+        vec![id]
+    );
+}

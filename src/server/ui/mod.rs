@@ -220,6 +220,11 @@ async fn login(
         Ok(a) => a,
         Err(_) => {
             let mut failures = state.ui.failures.lock().unwrap_or_else(|e| e.into_inner());
+            // Addresses are many (IPv6): forget the ones whose minute is over before the
+            // table grows past a bound.
+            if failures.len() >= 10_000 {
+                failures.retain(|_, (_, since)| now - *since < 60_000);
+            }
             let entry = failures.entry(ip).or_insert((0, now));
             if now - entry.1 >= 60_000 {
                 *entry = (0, now);

@@ -14,7 +14,7 @@ macro_rules! claim_sql {
     ($lane:literal) => {
         concat!(
             "WITH c AS (
-               SELECT d.id FROM deliveries d
+               SELECT d.id, d.lease_owner AS was FROM deliveries d
                WHERE d.state = 0 AND d.due_at <= $1 ",
             $lane,
             " AND (d.lease_until IS NULL OR d.lease_owner = $5
@@ -32,7 +32,7 @@ macro_rules! claim_sql {
              RETURNING d.id, d.postback_id, d.offer, d.event, d.attempts, d.created_at, d.delayed,
                        CASE WHEN d.delayed AND d.attempts = 0
                             THEN (SELECT event FROM conversions WHERE key = d.conv_key) END,
-                       d.orphaned_at, d.due_at"
+                       d.orphaned_at, d.due_at, c.was"
         )
     };
 }
@@ -85,7 +85,16 @@ pub(super) async fn claim(
                 orphaned_at: r.get(8),
             })
         });
-        let (claim, left) = take(spec, candidates)?;
+        let (claim, mut left) = take(spec, candidates)?;
+        // Rows this instance leased before the claim (fresh ones, handed to its dispatcher
+        // at commit, maybe in flight already) keep their lease: given back, another
+        // instance could attempt them at the same time.
+        let mine_before: std::collections::HashSet<i64> = rows
+            .iter()
+            .filter(|r| r.get::<_, Option<&str>>(10) == Some(&*shared.me))
+            .map(|r| r.get(0))
+            .collect();
+        left.retain(|id| !mine_before.contains(id));
         shared.lease(
             claim
                 .claimed
