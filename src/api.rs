@@ -55,10 +55,15 @@ pub enum Access {
 
 impl Access {
     /// The postbacks this caller may see (`None`: all).
-    fn postbacks(&self, plan: &crate::plan::Plan) -> Option<Vec<String>> {
+    pub fn postbacks(&self, plan: &crate::plan::Plan) -> Option<Vec<String>> {
+        self.affiliate().map(|a| plan.owned_by(a))
+    }
+
+    /// The affiliate this caller is (`None`: an admin).
+    pub fn affiliate(&self) -> Option<&str> {
         match self {
             Access::Admin => None,
-            Access::Affiliate(a) => Some(plan.owned_by(a)),
+            Access::Affiliate(a) => Some(a),
         }
     }
 }
@@ -431,6 +436,7 @@ async fn deliveries(
     let q = DeliveryQuery {
         transaction_id: p.transaction_id,
         clickid: p.clickid,
+        id: None,
         offer: p.offer,
         affiliate: p.affiliate,
         goal: p.goal,
@@ -480,6 +486,7 @@ async fn events(
         kind: p.kind,
         clickid: p.clickid,
         transaction_id: p.transaction_id,
+        id: None,
         offer: p.offer,
         affiliate: p.affiliate,
         since: instant("since", &p.since)?,

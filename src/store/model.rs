@@ -374,6 +374,8 @@ pub struct AttemptRow {
 pub struct DeliveryQuery {
     pub transaction_id: Option<String>,
     pub clickid: Option<String>,
+    /// A transaction id or a click id, whichever it is (a search box).
+    pub id: Option<String>,
     pub offer: Option<String>,
     pub affiliate: Option<String>,
     pub goal: Option<String>,
@@ -415,6 +417,8 @@ pub struct EventQuery {
     pub kind: Option<String>,
     pub clickid: Option<String>,
     pub transaction_id: Option<String>,
+    /// A transaction id or a click id, whichever it is (a search box).
+    pub id: Option<String>,
     pub offer: Option<String>,
     pub affiliate: Option<String>,
     pub since: Option<i64>,

@@ -378,6 +378,27 @@ async fn the_log_retries_by_hand_and_pruning(b: Backend) {
         .await
         .unwrap();
     assert!(!events.is_empty());
+    // One search box: a transaction id or a click id finds the same conversion.
+    for id in ["T6", "k6"] {
+        let (by_id, _) = store
+            .events(EventQuery {
+                id: Some(id.into()),
+                limit: 10,
+                ..EventQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(by_id.len(), events.len(), "events by {id}");
+        let (rows, _) = store
+            .deliveries(DeliveryQuery {
+                id: Some(id.into()),
+                limit: 10,
+                ..DeliveryQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1, "deliveries by {id}");
+    }
     let stats = store.queue_stats().await.unwrap();
     assert_eq!(stats.pending, 1);
     // What each postback made since a time, by state (the pruned one is gone): none made

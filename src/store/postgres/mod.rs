@@ -47,7 +47,7 @@ use tokio_postgres::NoTls;
 /// `store_lease` says otherwise. Leases are renewed six times per lease.
 pub const LEASE: Duration = Duration::from_secs(30);
 /// The `LISTEN`/`NOTIFY` channel for new claimable work.
-const CHANNEL: &str = "postbackd_work";
+pub(super) const CHANNEL: &str = "postbackd_work";
 /// Connections per instance: the writer, claims, reads, the keeper.
 const POOL_SIZE: usize = 8;
 

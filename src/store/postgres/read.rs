@@ -552,6 +552,10 @@ pub(super) async fn deliveries(
         "event_id IN (SELECT id FROM events WHERE clickid = ?)",
         q.clickid,
     );
+    f.add(
+        "event_id IN (SELECT id FROM events WHERE transaction_id = ? OR clickid = ?)",
+        q.id,
+    );
     f.add("postback_id = ANY(?)", q.postbacks);
     f.add("state = ?", q.state.map(State::code));
     f.add("created_at >= ?", q.since);
@@ -583,6 +587,7 @@ pub(super) async fn events(
     f.add("kind = ?", q.kind);
     f.add("clickid = ?", q.clickid);
     f.add("transaction_id = ?", q.transaction_id);
+    f.add("(transaction_id = ? OR clickid = ?)", q.id);
     f.add("offer_id = ?", q.offer);
     f.add("affiliate_id = ?", q.affiliate);
     f.add("received_at >= ?", q.since);

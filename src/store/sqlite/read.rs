@@ -115,6 +115,11 @@ pub(super) fn deliveries(
         "event_id IN (SELECT id FROM events WHERE clickid = ?)",
         &q.clickid,
     );
+    cond(
+        &mut sql,
+        "event_id IN (SELECT id FROM events WHERE transaction_id = ? OR clickid = ?)",
+        &q.id,
+    );
     if let Some(p) = &q.postbacks {
         args.push(Box::new(serde_json::to_string(p).unwrap_or_default()));
         sql.push_str(&format!(
@@ -234,6 +239,11 @@ pub(super) fn events(
             args.push(Box::new(v.clone()));
             sql.push_str(&format!(" AND {col} = ?{}", args.len()));
         }
+    }
+    if let Some(v) = &q.id {
+        args.push(Box::new(v.clone()));
+        let n = args.len();
+        sql.push_str(&format!(" AND (transaction_id = ?{n} OR clickid = ?{n})"));
     }
     for (col, op, v) in [
         ("received_at", ">=", q.since),
