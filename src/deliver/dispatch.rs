@@ -3,8 +3,9 @@
 //!
 //! Claiming ahead means a finished attempt is replaced from memory at once, and the store
 //! sees one claim per batch of deliveries rather than one per delivery. What is claimed
-//! ahead is bounded per destination (twice its slots), so a dead destination's backlog stays
-//! in the store and never crowds the others out. Deliveries claimed but not started when the
+//! ahead is bounded per destination (its slots plus as many again, at least 64), and a paused
+//! destination claims only its probe, so a dead destination's backlog stays in the store and
+//! never crowds the others out. Deliveries claimed but not started when the
 //! daemon stops are pending again at the next start, like any delivery in flight.
 
 use super::gate::{Change, Gate, Verdict};

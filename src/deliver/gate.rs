@@ -157,12 +157,22 @@ fn lane_room(capacity: usize, inflight: [usize; 2], lane: Lane) -> usize {
     share.saturating_sub(inflight[ix(lane)]).min(free)
 }
 
-/// Deliveries of one lane to hold claimed (in flight or waiting in memory): twice the
-/// capacity, whatever the lane's share. A lane with no competition may then fill every slot
-/// by borrowing; the reserve is applied when deliveries start, not when they are claimed.
+/// Deliveries of one lane to hold claimed (in flight or waiting in memory): the capacity
+/// plus as many again, and at least [`CLAIM_AHEAD`] more, whatever the lane's share. A lane
+/// with no competition may then fill every slot by borrowing; the reserve is applied when
+/// deliveries start, not when they are claimed.
+///
+/// Claiming well ahead of a small capacity is what lets a backlog drain at the
+/// destination's pace: with only twice 8 slots held, the dispatcher claimed a handful of
+/// deliveries at a time, and each claim reads past the ones it already holds, so a drain
+/// spent most of its time reading the queue (BENCHMARKS.md, "The drain").
 fn claim_target(capacity: usize) -> usize {
-    2 * capacity.max(1)
+    let capacity = capacity.max(1);
+    capacity + capacity.max(CLAIM_AHEAD)
 }
+
+/// The fewest deliveries claimed ahead of a lane's free slots.
+const CLAIM_AHEAD: usize = 64;
 
 impl Gate {
     /// Whether `destination` is paused and its probe may not start yet (or is out).
@@ -407,20 +417,22 @@ mod tests {
         let s = settings(8, 4);
         let mut g = Gate::default();
         let dests = vec!["a".to_string(), "b".to_string()];
-        // Twice the capacity per lane: 16 globally, 8 per destination.
+        // The capacity and CLAIM_AHEAD more per lane: 8 + 64 globally, 4 + 64 per
+        // destination.
         let (global, caps) = g.claim_quota(&s, &dests, Lane::Fresh, |_| 0);
-        assert_eq!((global, caps["a"], caps["b"]), (16, 8, 8));
+        assert_eq!((global, caps["a"], caps["b"]), (72, 68, 68));
         let (global, caps) = g.claim_quota(&s, &dests, Lane::Retry, |_| 0);
-        assert_eq!((global, caps["a"]), (16, 8));
+        assert_eq!((global, caps["a"]), (72, 68));
+        // A large capacity runs ahead by as much again.
+        let big = settings(200, 100);
+        assert_eq!(g.claim_quota(&big, &dests, Lane::Fresh, |_| 0).0, 400);
         g.take(Lane::Fresh, "a");
-        let (global, caps) =
-            g.claim_quota(
-                &s,
-                &dests,
-                Lane::Fresh,
-                |d| if d == Some("b") { 8 } else { 7 },
-            );
-        assert_eq!((global, caps["a"], caps["b"]), (8, 0, 0));
+        let (global, caps) = g.claim_quota(&s, &dests, Lane::Fresh, |d| match d {
+            Some("b") => 68,
+            Some(_) => 67,
+            None => 60,
+        });
+        assert_eq!((global, caps["a"], caps["b"]), (11, 0, 0));
     }
 
     #[test]
@@ -504,7 +516,7 @@ mod tests {
         assert!(g.room(&s, "a", Lane::Fresh));
         assert!(g.room(&s, "a", Lane::Any));
         // Retries have no reserve of their own with one slot, but are still claimed.
-        assert_eq!(g.claim_quota(&s, &[], Lane::Retry, |_| 0).0, 2);
+        assert_eq!(g.claim_quota(&s, &[], Lane::Retry, |_| 0).0, 65);
         g.take(Lane::Fresh, "a");
         assert!(!g.room(&s, "a", Lane::Any));
     }

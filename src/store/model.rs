@@ -254,9 +254,12 @@ pub(crate) fn destination_of(plan: &Plan, postback_id: &str) -> String {
 
 /// Takes candidates in order up to the spec's limit and per-destination caps. Returns the
 /// claim and the ids read but not taken (a backend that leased them gives them back).
+/// Without `read_past_limit` it stops at the limit: a backend whose claim is a plain read
+/// has nothing to give back, and each further row would be read for nothing.
 pub(crate) fn take<E>(
     spec: &ClaimSpec,
     rows: impl IntoIterator<Item = Result<Candidate, E>>,
+    read_past_limit: bool,
 ) -> Result<(Claim, Vec<i64>), E> {
     let mut caps = spec.caps.clone();
     let mut out = Vec::new();
@@ -265,6 +268,10 @@ pub(crate) fn take<E>(
     let mut more = false;
     for row in rows {
         let c = row?;
+        if out.len() >= spec.limit && !read_past_limit {
+            more = true;
+            break;
+        }
         if out.len() >= spec.limit {
             more = true;
             left.push(c.id);

@@ -85,7 +85,7 @@ pub(super) async fn claim(
                 orphaned_at: r.get(8),
             })
         });
-        let (claim, mut left) = take(spec, candidates)?;
+        let (claim, mut left) = take(spec, candidates, true)?;
         // Rows this instance leased before the claim (fresh ones, handed to its dispatcher
         // at commit, maybe in flight already) keep their lease: given back, another
         // instance could attempt them at the same time.

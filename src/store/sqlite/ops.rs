@@ -195,7 +195,7 @@ pub(super) fn claim(c: &Connection, spec: &ClaimSpec) -> rusqlite::Result<Claim>
         },
     )?;
     // A claim here is a read: what it read and did not take is simply not held.
-    Ok(take(spec, rows)?.0)
+    Ok(take(spec, rows, false)?.0)
 }
 
 macro_rules! claim_sql {
