@@ -22,7 +22,11 @@ use std::time::{Duration, Instant};
 /// the git commit. Start-up and every reload go through here.
 /// The overrides of `opts` (flags and environment variables) win over `postbackd.yaml`.
 pub fn load(opts: &Options) -> Result<Plan, ConfigErrors> {
-    let mut plan = config::load_dir(&opts.config_dir)?;
+    let loaded = config::load_dir(&opts.config_dir);
+    // The files' parsed forms are freed by now, in the parser threads' arenas: hand those
+    // pages back, or a large rule set's parse stays in resident memory.
+    crate::release_freed_memory();
+    let mut plan = loaded?;
     if let Some(l) = opts.listen {
         plan.settings.listen = l;
     }

@@ -210,6 +210,9 @@ pub fn load_dir(dir: &Path) -> Result<Plan, ConfigErrors> {
         .enumerate()
         .map(|(i, p)| (p.id.clone(), i))
         .collect();
+    let (mut postbacks, mut entries) = (c.postbacks, c.entries);
+    postbacks.shrink_to_fit();
+    entries.shrink_to_fit();
     let mut secrets = c.secrets;
     secrets.retain(|s| !s.is_empty());
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
@@ -220,9 +223,9 @@ pub fn load_dir(dir: &Path) -> Result<Plan, ConfigErrors> {
         settings,
         sources: c.sources,
         offers: c.offers.into_iter().map(|(k, (o, _))| (k, o)).collect(),
-        postbacks: c.postbacks,
+        postbacks,
         by_id,
-        entries: c.entries,
+        entries,
         index,
         entry_by_key,
         engine: c.engine,
