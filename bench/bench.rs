@@ -74,7 +74,9 @@ async fn stats_page(State(stats): State<Arc<Stats>>) -> String {
         "last_us": stats.last_us.swap(0, Ordering::Relaxed),
         "latency_samples": l.len(),
         "p50_us": pct(0.50),
+        "p90_us": pct(0.90),
         "p99_us": pct(0.99),
+        "p999_us": pct(0.999),
         "max_us": l.last().copied().unwrap_or(0),
     });
     out.to_string()

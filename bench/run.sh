@@ -139,17 +139,26 @@ r=$(e2e_rate "http://$DAEMON/postback")
 row "end to end, postbacks received/s" "$r" "$(ratio "$r" "$b2")"
 
 # Latency at a fixed rate: the sink measures from the send time each request carries.
+# `latency` gives p50 and p99; the whole distribution (p50 / p90 / p99 / p99.9 / max) is
+# left in $work/dist.
 latency() { # url -> "p50 p99" in ms
   sink_stats >/dev/null
   "$tool" load --url "$1" --rate "$rate" --secs "$lat_secs" > "$work/load.json"
   sleep 1
-  sink_stats | python3 -c "import json,sys; s=json.load(sys.stdin); print(f\"{s['p50_us']/1000:.2f} {s['p99_us']/1000:.2f}\")"
+  sink_stats | python3 -c "
+import json,sys
+s=json.load(sys.stdin); ms=lambda k: f'{s[k]/1000:.2f}'
+open(sys.argv[1],'w').write(' / '.join(ms(k) for k in ['p50_us','p90_us','p99_us','p999_us','max_us']))
+print(ms('p50_us'), ms('p99_us'))" "$work/dist"
 }
 read -r bp50 bp99 < <(latency "http://$FWD")
+bdist=$(cat "$work/dist")
 read -r p50 p99 < <(latency "http://$DAEMON/postback")
 stop_daemon
 row "baseline 2 latency at $rate/s, p50 / p99 ms" "$bp50 / $bp99" ""
+row "  p50 / p90 / p99 / p99.9 / max ms" "$bdist" ""
 row "end to end latency at $rate/s, p50 / p99 ms" "$p50 / $p99" ""
+row "  p50 / p90 / p99 / p99.9 / max ms" "$(cat "$work/dist")" ""
 
 # --- PostgreSQL ---------------------------------------------------------------------------
 # The shared store on a throwaway local cluster (Debian's postgresql; skipped if it is not
@@ -306,6 +315,6 @@ row "  first postback after it is back, s (paused: probe backoff)" "$(python3 -c
 start=$(curl -s "http://$DOWN/__stats" | json '["count"]')
 sleep "$secs"
 drained=$(( $(curl -s "http://$DOWN/__stats" | json '["count"]') - start ))
-row "  drain rate once it is back, postbacks/s (per_destination 8)" "$(( drained / secs ))" ""
+row "  drain rate once it is back, postbacks/s (per_destination 8)" "$(( drained / secs ))" "$(ratio "$(( drained / secs ))" "$b2")"
 stop_daemon
 kill "$down_sink" 2>/dev/null || true

@@ -10,6 +10,7 @@
 //! (dedupe); a claim is a read, and the dispatcher holds what it claimed in memory, so a
 //! crash leaves it pending and the next start sends it again.
 
+mod ids;
 mod ops;
 mod read;
 mod schema;
@@ -32,6 +33,8 @@ pub struct Sqlite {
     tx: mpsc::Sender<Job>,
     signals: Arc<Signals>,
     reader: Arc<Mutex<Connection>>,
+    /// The id indexer ([`ids`]) runs while this lives.
+    _indexer: Arc<()>,
 }
 
 const QUEUE_STATS: &str = "SELECT COUNT(*), COALESCE(SUM(attempts > 0), 0), MIN(created_at),
@@ -79,16 +82,21 @@ impl Sqlite {
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| open_err(e.to_string()))?;
+        ids::register(&reader).map_err(|e| open_err(e.to_string()))?;
         let (tx, rx) = mpsc::channel();
         let w = Writer::new(conn, signals.clone());
         std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || w.run(rx))
             .map_err(|e| open_err(e.to_string()))?;
+        let reader = Arc::new(Mutex::new(reader));
+        let indexer = Arc::new(());
+        ids::spawn(tx.clone(), reader.clone(), Arc::downgrade(&indexer));
         Ok(Sqlite {
             tx,
             signals,
-            reader: Arc::new(Mutex::new(reader)),
+            reader,
+            _indexer: indexer,
         })
     }
 

@@ -50,8 +50,8 @@ pub(super) fn ingest(
         .iter()
         .map(|m| m.postback_id.clone())
         .collect();
-    c.prepare_cached("INSERT INTO events (id, received_at, source, kind, conv_key, clickid, transaction_id, offer_id, affiliate_id, event, matched)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)")?.execute(
+    c.prepare_cached(&format!("INSERT INTO events (rowid, id, received_at, source, kind, conv_key, clickid, transaction_id, offer_id, affiliate_id, event, matched)
+         VALUES ({}, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)", super::ids::NEXT_ROWID))?.execute(
                 params![
             event.id,
             event.received_at,
@@ -150,10 +150,9 @@ const NEXT_DUE: &str = "SELECT MIN(
 const PRUNE_DELIVERIES: &str =
     "SELECT id FROM deliveries WHERE state IN (2, 3, 4) AND updated_at < ?1 LIMIT ?2";
 
-const PRUNE_EVENTS: &str = "DELETE FROM events WHERE rowid IN
-    (SELECT rowid FROM events e WHERE received_at < ?1
+const PRUNE_EVENTS: &str = "SELECT rowid FROM events e WHERE received_at < ?1
        AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id)
-     LIMIT ?2)";
+     LIMIT ?2";
 
 /// The statements that run per webhook, per attempt or over the whole queue: each must
 /// find its deliveries through an index (checked in the schema's tests).
@@ -168,6 +167,7 @@ pub(super) const INDEXED: &[&str] = &[
     CLAIM_RETRY,
     REVIVE,
     super::QUEUE_STATS,
+    "SELECT rowid, transaction_id, clickid FROM events WHERE rowid > ?1 AND rowid <= ?2",
 ];
 
 pub(super) fn claim(c: &Connection, spec: &ClaimSpec) -> rusqlite::Result<Claim> {
@@ -277,9 +277,16 @@ pub(super) fn prune(c: &Connection, before: i64, limit: usize) -> rusqlite::Resu
     }
     // An event stays while a delivery it made is kept: the log finds deliveries by the
     // ids on their event.
-    let events = c
+    let events: Vec<i64> = c
         .prepare_cached(PRUNE_EVENTS)?
-        .execute(params![before, limit as i64])?;
+        .query_map(params![before, limit as i64], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    super::ids::forget(c, &events)?;
+    let mut del_event = c.prepare_cached("DELETE FROM events WHERE rowid = ?1")?;
+    for rowid in &events {
+        del_event.execute([rowid])?;
+    }
+    let events = events.len();
     let conversions = c
         .prepare_cached(
             // A conversion stays while any of its deliveries is unfinished: its `sent`

@@ -104,22 +104,21 @@ pub(super) fn deliveries(
     cond(&mut sql, "goal = ?", &q.goal);
     cond(&mut sql, "status = ?", &q.status);
     cond(&mut sql, "last_outcome = ?", &q.outcome);
-    // Through the delivery's event, which carries the same merged ids and is indexed by them.
-    cond(
-        &mut sql,
-        "event_id IN (SELECT id FROM events WHERE transaction_id = ?)",
-        &q.transaction_id,
-    );
-    cond(
-        &mut sql,
-        "event_id IN (SELECT id FROM events WHERE clickid = ?)",
-        &q.clickid,
-    );
-    cond(
-        &mut sql,
-        "event_id IN (SELECT id FROM events WHERE transaction_id = ? OR clickid = ?)",
-        &q.id,
-    );
+    // Through the delivery's event, which carries the same merged ids and is found by them
+    // (`ids.rs`).
+    for (columns, v) in [
+        (&["transaction_id"][..], &q.transaction_id),
+        (&["clickid"][..], &q.clickid),
+        (&["transaction_id", "clickid"][..], &q.id),
+    ] {
+        if let Some(v) = v {
+            args.push(Box::new(v.clone()));
+            sql.push_str(&format!(
+                " AND event_id IN (SELECT e.id FROM events e WHERE {})",
+                super::ids::matches(columns, args.len())
+            ));
+        }
+    }
     if let Some(p) = &q.postbacks {
         args.push(Box::new(serde_json::to_string(p).unwrap_or_default()));
         sql.push_str(&format!(
@@ -223,27 +222,31 @@ pub(super) fn events(
     q: &EventQuery,
 ) -> rusqlite::Result<(Vec<EventRow>, Option<i64>)> {
     let mut sql = String::from(
-        "SELECT rowid, id, received_at, source, kind, clickid, transaction_id, offer_id,
-                affiliate_id, event, matched FROM events WHERE 1 = 1",
+        "SELECT e.rowid, e.id, e.received_at, e.source, e.kind, e.clickid, e.transaction_id,
+                e.offer_id, e.affiliate_id, e.event, e.matched FROM events e WHERE 1 = 1",
     );
     let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
     for (col, v) in [
         ("source", &q.source),
         ("kind", &q.kind),
-        ("clickid", &q.clickid),
-        ("transaction_id", &q.transaction_id),
         ("offer_id", &q.offer),
         ("affiliate_id", &q.affiliate),
     ] {
         if let Some(v) = v {
             args.push(Box::new(v.clone()));
-            sql.push_str(&format!(" AND {col} = ?{}", args.len()));
+            sql.push_str(&format!(" AND e.{col} = ?{}", args.len()));
         }
     }
-    if let Some(v) = &q.id {
-        args.push(Box::new(v.clone()));
-        let n = args.len();
-        sql.push_str(&format!(" AND (transaction_id = ?{n} OR clickid = ?{n})"));
+    for (columns, v) in [
+        (&["clickid"][..], &q.clickid),
+        (&["transaction_id"][..], &q.transaction_id),
+        (&["transaction_id", "clickid"][..], &q.id),
+    ] {
+        if let Some(v) = v {
+            args.push(Box::new(v.clone()));
+            let n = args.len();
+            sql.push_str(&format!(" AND {}", super::ids::matches(columns, n)));
+        }
     }
     for (col, op, v) in [
         ("received_at", ">=", q.since),
@@ -252,11 +255,11 @@ pub(super) fn events(
     ] {
         if let Some(v) = v {
             args.push(Box::new(v));
-            sql.push_str(&format!(" AND {col} {op} ?{}", args.len()));
+            sql.push_str(&format!(" AND e.{col} {op} ?{}", args.len()));
         }
     }
     let limit = q.limit.clamp(1, 1000);
-    sql.push_str(&format!(" ORDER BY rowid DESC LIMIT {}", limit + 1));
+    sql.push_str(&format!(" ORDER BY e.rowid DESC LIMIT {}", limit + 1));
     let mut st = c.prepare(&sql)?;
     let rows: Vec<(i64, EventRow)> = st
         .query_map(
