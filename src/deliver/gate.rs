@@ -165,7 +165,7 @@ fn lane_room(capacity: usize, inflight: [usize; 2], lane: Lane) -> usize {
 /// Claiming well ahead of a small capacity is what lets a backlog drain at the
 /// destination's pace: with only twice 8 slots held, the dispatcher claimed a handful of
 /// deliveries at a time, and each claim reads past the ones it already holds, so a drain
-/// spent most of its time reading the queue (BENCHMARKS.md, "The drain").
+/// spent most of its time reading the queue (BENCHMARKS.md, "Round two").
 fn claim_target(capacity: usize) -> usize {
     let capacity = capacity.max(1);
     capacity + capacity.max(CLAIM_AHEAD)

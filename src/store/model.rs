@@ -268,12 +268,11 @@ pub(crate) fn take<E>(
     let mut more = false;
     for row in rows {
         let c = row?;
-        if out.len() >= spec.limit && !read_past_limit {
-            more = true;
-            break;
-        }
         if out.len() >= spec.limit {
             more = true;
+            if !read_past_limit {
+                break;
+            }
             left.push(c.id);
             continue;
         }

@@ -43,12 +43,14 @@ pub(super) const NEXT_ROWID: &str = "max(coalesce((SELECT max(rowid) FROM events
 /// A condition on `events` (as `e`): the event's `column` is `?n` (one of `clickid`,
 /// `transaction_id`, or both with `OR`), through the index and the tail.
 pub(super) fn matches(columns: &[&str], n: usize) -> String {
-    let cond = columns
-        .iter()
-        .map(|c| format!("e.{c} = ?{n}"))
-        .collect::<Vec<_>>()
-        .join(" OR ");
-    let tail = cond.replace("e.", "t.");
+    let on = |alias: &str| {
+        columns
+            .iter()
+            .map(|c| format!("{alias}.{c} = ?{n}"))
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    };
+    let (cond, tail) = (on("e"), on("t"));
     format!(
         "e.rowid IN (SELECT event FROM event_ids WHERE h = hash_id(?{n})
                      UNION ALL
@@ -108,20 +110,20 @@ pub(super) fn catch_up(c: &Connection, limit: i64) -> rusqlite::Result<i64> {
     Ok(end - upto)
 }
 
-/// Removes the index entries of the events at `rowids` (before they are deleted).
-pub(super) fn forget(c: &Connection, rowids: &[i64]) -> rusqlite::Result<()> {
-    let mut read =
-        c.prepare_cached("SELECT transaction_id, clickid FROM events WHERE rowid = ?1")?;
+/// Removes the index entries of events about to be deleted: (rowid, transaction id, click
+/// id) each.
+pub(super) fn forget(c: &Connection, events: &[Pruned]) -> rusqlite::Result<()> {
     let mut del = c.prepare_cached("DELETE FROM event_ids WHERE h = ?1 AND event = ?2")?;
-    for &rowid in rowids {
-        let (tx, click): (Option<String>, Option<String>) =
-            read.query_row([rowid], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    for (rowid, tx, click) in events {
         for id in [tx, click].into_iter().flatten() {
-            del.execute(params![hash(&id), rowid])?;
+            del.execute(params![hash(id), rowid])?;
         }
     }
     Ok(())
 }
+
+/// An event pruning deletes: its rowid, transaction id and click id.
+pub(super) type Pruned = (i64, Option<String>, Option<String>);
 
 /// Runs the indexer until the writer goes away: once enough events wait (or every few
 /// seconds), it sends the writer runs of [`RUN`] events until the tail is short. Its
@@ -276,7 +278,8 @@ mod tests {
         let r1 = add(&c, "a", Some("T1"), Some("C1"));
         let r2 = add(&c, "b", Some("T2"), None);
         catch_up(&c, RUN).unwrap();
-        forget(&c, &[r1, r2]).unwrap();
+        let some = |s: &str| Some(s.to_string());
+        forget(&c, &[(r1, some("T1"), some("C1")), (r2, some("T2"), None)]).unwrap();
         c.execute("DELETE FROM events", []).unwrap();
         let left: i64 = c
             .query_row("SELECT count(*) FROM event_ids", [], |r| r.get(0))

@@ -150,7 +150,8 @@ const NEXT_DUE: &str = "SELECT MIN(
 const PRUNE_DELIVERIES: &str =
     "SELECT id FROM deliveries WHERE state IN (2, 3, 4) AND updated_at < ?1 LIMIT ?2";
 
-const PRUNE_EVENTS: &str = "SELECT rowid FROM events e WHERE received_at < ?1
+const PRUNE_EVENTS: &str =
+    "SELECT rowid, transaction_id, clickid FROM events e WHERE received_at < ?1
        AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id)
      LIMIT ?2";
 
@@ -277,13 +278,15 @@ pub(super) fn prune(c: &Connection, before: i64, limit: usize) -> rusqlite::Resu
     }
     // An event stays while a delivery it made is kept: the log finds deliveries by the
     // ids on their event.
-    let events: Vec<i64> = c
+    let events: Vec<super::ids::Pruned> = c
         .prepare_cached(PRUNE_EVENTS)?
-        .query_map(params![before, limit as i64], |r| r.get(0))?
+        .query_map(params![before, limit as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
         .collect::<Result<_, _>>()?;
     super::ids::forget(c, &events)?;
     let mut del_event = c.prepare_cached("DELETE FROM events WHERE rowid = ?1")?;
-    for rowid in &events {
+    for (rowid, ..) in &events {
         del_event.execute([rowid])?;
     }
     let events = events.len();
